@@ -1,0 +1,107 @@
+"""The session store contract, shared by every backend (one contract test suite runs on each).
+
+A session is keyed by ``Session.id``: the SHA-256 of the secret value in the browser's cookie,
+so a store (or a dump of it) never holds what it takes to impersonate the user.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import AbstractAsyncContextManager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+
+@dataclass(slots=True)
+class Session:
+    """One logged-in browser: the refresh token lives here and nowhere else."""
+
+    id: str
+    sub: str
+    refresh_token: str
+    created_at: float
+    absolute_expiry: float
+    sid: str | None = None
+    id_token: str | None = None
+    claims: dict[str, Any] = field(default_factory=dict)
+    last_seen: float = 0.0
+    # Bumped on every refresh-token rotation; lets a store refuse a stale write (fencing).
+    rt_version: int = 0
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id[:8]}…, sub={self.sub!r}, rt_version={self.rt_version})"
+
+    def is_expired(self, now: float | None = None) -> bool:
+        return (now if now is not None else time.time()) >= self.absolute_expiry
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Session:
+        data = json.loads(raw)
+        return cls(**data)
+
+
+@dataclass(slots=True, frozen=True)
+class CachedToken:
+    """An access token minted for one (session, audience, scopes)."""
+
+    access_token: str
+    expires_at: float
+    audience: str
+    scope: str = ""
+
+    def __repr__(self) -> str:
+        return f"CachedToken(audience={self.audience!r}, expires_at={self.expires_at:.0f})"
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> CachedToken:
+        return cls(**json.loads(raw))
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """Where sessions, pending logins and shared access tokens live."""
+
+    idle_timeout: float
+
+    async def save(self, session: Session) -> None:
+        """Create or replace; expires at min(now + idle_timeout, absolute_expiry)."""
+
+    async def load(self, session_id: str) -> Session | None:
+        """The live session, or None when missing, idle-expired or past its absolute expiry."""
+
+    async def touch(self, session: Session) -> None:
+        """Slide the idle expiry (callers rate-limit this; see SessionManager)."""
+
+    async def delete(self, session_id: str) -> Session | None:
+        """Remove the session and its cached tokens; return what was removed."""
+
+    async def find(self, *, sub: str | None = None, sid: str | None = None) -> list[str]:
+        """Ids of live sessions with this OIDC ``sub`` and/or IdP session ``sid``."""
+
+    def refresh_lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
+        """Held around a refresh-token exchange: one exchange per session at a time."""
+
+    async def get_token(self, session_id: str, key: str) -> CachedToken | None:
+        """A shared cached access token, or None."""
+
+    async def put_token(self, session_id: str, key: str, token: CachedToken) -> None:
+        """Share an access token until it expires."""
+
+    async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
+        """Remember a pending login (PKCE verifier, nonce, return_to) under its state."""
+
+    async def pop_login(self, state: str) -> dict[str, Any] | None:
+        """Take a pending login out, once: a replayed state finds nothing."""
+
+    async def ping(self) -> None:
+        """Raise SessionStoreUnavailable when the backend cannot answer."""
+
+    async def close(self) -> None:
+        """Release connections."""

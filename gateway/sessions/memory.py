@@ -1,0 +1,123 @@
+"""In-process session store: the default for a single gateway process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from .base import CachedToken, Session
+
+
+class MemorySessionStore:
+    """Dict-backed store; expiry is checked on read and swept lazily.
+
+    Sessions are kept as objects (no serialization on the hot path); callers must treat a loaded
+    session as read-only and ``save`` a modified copy.
+    """
+
+    def __init__(self, *, idle_timeout: float, clock: Callable[[], float] = time.time) -> None:
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        self._sessions: dict[str, tuple[Session, float]] = {}
+        self._tokens: dict[str, dict[str, CachedToken]] = {}
+        self._logins: dict[str, tuple[dict[str, Any], float]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._writes = 0
+
+    def _deadline(self, session: Session) -> float:
+        return min(self._clock() + self.idle_timeout, session.absolute_expiry)
+
+    async def save(self, session: Session) -> None:
+        self._sessions[session.id] = (session, self._deadline(session))
+        self._writes += 1
+        if self._writes % 1024 == 0:
+            self._sweep()
+
+    async def load(self, session_id: str) -> Session | None:
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            return None
+        session, deadline = entry
+        if self._clock() >= deadline:
+            self._drop(session_id)
+            return None
+        return session
+
+    async def touch(self, session: Session) -> None:
+        if session.id in self._sessions:
+            session.last_seen = self._clock()
+            self._sessions[session.id] = (session, self._deadline(session))
+
+    async def delete(self, session_id: str) -> Session | None:
+        entry = self._sessions.get(session_id)
+        self._drop(session_id)
+        return entry[0] if entry else None
+
+    async def find(self, *, sub: str | None = None, sid: str | None = None) -> list[str]:
+        if sub is None and sid is None:
+            return []
+        now = self._clock()
+        return [
+            key
+            for key, (session, deadline) in self._sessions.items()
+            if now < deadline
+            and (sub is None or session.sub == sub)
+            and (sid is None or session.sid == sid)
+        ]
+
+    @asynccontextmanager
+    async def refresh_lock(self, session_id: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(session_id, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            # Forget the lock once nobody holds or waits for it (bounded memory).
+            if not lock.locked() and self._locks.get(session_id) is lock:
+                waiters = getattr(lock, "_waiters", None)
+                if not waiters:
+                    del self._locks[session_id]
+
+    async def get_token(self, session_id: str, key: str) -> CachedToken | None:
+        token = self._tokens.get(session_id, {}).get(key)
+        if token is not None and token.expires_at <= self._clock():
+            return None
+        return token
+
+    async def put_token(self, session_id: str, key: str, token: CachedToken) -> None:
+        if session_id in self._sessions:
+            self._tokens.setdefault(session_id, {})[key] = token
+
+    async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
+        self._logins[state] = (data, self._clock() + ttl)
+        if len(self._logins) % 256 == 0:
+            self._sweep()
+
+    async def pop_login(self, state: str) -> dict[str, Any] | None:
+        entry = self._logins.pop(state, None)
+        if entry is None or self._clock() >= entry[1]:
+            return None
+        return entry[0]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _drop(self, session_id: str) -> None:
+        self._sessions.pop(session_id, None)
+        self._tokens.pop(session_id, None)
+
+    def _sweep(self) -> None:
+        now = self._clock()
+        for key in [k for k, (_, deadline) in self._sessions.items() if now >= deadline]:
+            self._drop(key)
+        for state in [s for s, (_, exp) in self._logins.items() if now >= exp]:
+            del self._logins[state]

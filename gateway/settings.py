@@ -1,0 +1,364 @@
+"""Configuration: a YAML file, then ``GATEWAY_*`` environment variables (``__`` nests).
+
+Everything is validated at startup so that a wrong route or a missing secret is an exit with a
+message naming the field, never a runtime surprise.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """``500ms``, ``30s``, ``5m``, ``8h``, ``7d`` or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 8h or a number of seconds")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"invalid duration {value!r}: use e.g. 500ms, 30s, 5m, 8h, 7d")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _absolute_http_url(value: str, *, field: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{field} must be an absolute http(s) URL, got {value!r}")
+    if parts.fragment:
+        raise ValueError(f"{field} must not have a fragment")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address uvicorn binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="Port uvicorn binds to.")
+    graceful_timeout: Duration = Field(
+        20.0, description="How long in-flight requests may run on shutdown."
+    )
+
+
+class OIDCSettings(_Section):
+    issuer: str = Field(description="The OpenID Provider's issuer URL (discovery is fetched).")
+    client_id: str = Field(min_length=1, description="The gateway's client id at the IdP.")
+    client_secret: SecretStr | None = Field(
+        None, description="Set with GATEWAY_OIDC__CLIENT_SECRET, never in the file."
+    )
+    token_endpoint_auth_method: Literal["client_secret_post", "client_secret_basic", "none"] = (
+        Field("client_secret_post", description="How the gateway authenticates at /token.")
+    )
+    dialect: Literal["auth0", "rfc8707"] = Field(
+        "auth0", description="auth0 sends `audience`; rfc8707 sends `resource`."
+    )
+    scopes: list[str] = Field(
+        default_factory=lambda: ["openid", "profile", "email", "offline_access"],
+        description="Scopes requested at login; openid and offline_access are required.",
+    )
+    login_audience: str | None = Field(
+        None, description="Audience requested at login (auth0 dialect)."
+    )
+    prompt: str | None = Field(
+        None, description="`prompt` sent at login (oidc-provider needs `consent` for refresh)."
+    )
+    extra_authorize_params: dict[str, str] = Field(
+        default_factory=dict, description="Extra query parameters for the authorize request."
+    )
+    post_logout_redirect_url: str | None = Field(
+        None, description="Where the IdP sends the user after logout (default public_url + /)."
+    )
+    http_timeout: Duration = Field(10.0, description="Timeout of every call to the IdP.")
+    clock_leeway: Duration = Field(30.0, description="Leeway for ID-token iat/exp checks.")
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_is_url(cls, value: str) -> str:
+        return _absolute_http_url(value, field="issuer")
+
+    @field_validator("scopes")
+    @classmethod
+    def _scopes_have_openid(cls, value: list[str]) -> list[str]:
+        if "openid" not in value:
+            raise ValueError("must contain openid")
+        if "offline_access" not in value:
+            raise ValueError("must contain offline_access (the gateway needs a refresh token)")
+        return value
+
+
+class SessionSettings(_Section):
+    store: Literal["memory", "redis"] = Field("memory", description="Where sessions live.")
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL.")
+    redis_key_prefix: str = Field("gw:", description="Prefix of every Redis key.")
+    redis_pool_size: int = Field(50, ge=1, description="Redis connection pool size.")
+    redis_timeout: Duration = Field(2.0, description="Timeout of one Redis command.")
+    cookie_name: str = Field(
+        "gw_session",
+        pattern=r"^[A-Za-z0-9_\-]+$",
+        description="Session cookie name; `__Host-` is prepended on https.",
+    )
+    cookie_samesite: Literal["lax", "strict"] = Field("lax", description="SameSite attribute.")
+    idle_timeout: Duration = Field(8 * 3600.0, gt=0, description="Session ends after this idle.")
+    absolute_timeout: Duration = Field(
+        7 * 86400.0, gt=0, description="Session ends this long after login, whatever happens."
+    )
+    secret_key: list[SecretStr] = Field(
+        default_factory=list,
+        description="GATEWAY_SESSION__SECRET_KEY: signs cookies and encrypts sessions at rest; "
+        "a comma-separated list rotates keys (first one writes).",
+    )
+
+    @field_validator("secret_key", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str | SecretStr):
+            raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+            return [k.strip() for k in raw.split(",") if k.strip()]
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _keys_long_enough(cls, value: list[SecretStr]) -> list[SecretStr]:
+        for key in value:
+            if len(key.get_secret_value()) < 32:
+                raise ValueError("each key must be at least 32 characters")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
+class TokenSettings(_Section):
+    skew: Duration = Field(60.0, description="Refresh this long before an access token expires.")
+    allow_opaque: bool = Field(
+        False, description="Accept non-JWT access tokens (their audience cannot be checked)."
+    )
+    cache_size: int = Field(100_000, ge=1, description="Access tokens kept in memory.")
+
+
+class CSRFSettings(_Section):
+    header: str = Field("X-CSRF", description="Header required on cookie-authenticated calls.")
+    value: str = Field("1", description="Required value of that header.")
+    allowed_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed on unsafe methods (default public_url)."
+    )
+
+
+class ForwardAuthSettings(_Section):
+    enabled: bool = Field(False, description="Serve GET /auth/forward for data planes.")
+    secret: SecretStr | None = Field(None, description="GATEWAY_FORWARD_AUTH__SECRET.")
+
+
+class LogSettings(_Section):
+    format: Literal["json", "text"] = Field("json", description="Log line format.")
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    access_log: bool = Field(True, description="One line per request on gateway.access.")
+
+
+class MetricsSettings(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics on GET /metrics.")
+
+
+class LimitSettings(_Section):
+    max_body_bytes: int = Field(0, ge=0, description="0 = unlimited; over it: 413.")
+    max_header_bytes: int = Field(65536, ge=1024, description="Request headers over it: 431.")
+
+
+class RouteSettings(_Section):
+    prefix: str = Field(description="Path prefix; the longest matching prefix wins.")
+    upstream: str = Field(description="Absolute http(s) URL the prefix maps to.")
+    name: str = Field("", description="Route id in logs and metrics (default: from prefix).")
+    audience: str | None = Field(None, description="Audience (API identifier) of its tokens.")
+    scopes: list[str] = Field(default_factory=list, description="Scopes its tokens must carry.")
+    timeout: Duration = Field(30.0, gt=0, description="Upstream timeout.")
+    strip_prefix: bool = Field(True, description="Strip the prefix before forwarding.")
+    auth: Literal["user", "none"] = Field("user", description="user: bearer token; none: public.")
+    csrf: bool = Field(True, description="Require the anti-CSRF header on this route.")
+    websocket: bool = Field(False, description="Allow WebSocket upgrades.")
+    max_body_bytes: int | None = Field(None, ge=0, description="Override limits.max_body_bytes.")
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in "?#\\%") or "//" in value:
+            raise ValueError(f"must be an absolute path like /api/, got {value!r}")
+        if any(seg in (".", "..") for seg in value.split("/")):
+            raise ValueError("must not contain . or .. segments")
+        return value if value.endswith("/") else value + "/"
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream_is_url(cls, value: str) -> str:
+        _absolute_http_url(value, field="upstream")
+        if urlsplit(value).query:
+            raise ValueError("upstream must not have a query string")
+        return value
+
+    @model_validator(mode="after")
+    def _audience_when_needed(self) -> RouteSettings:
+        if self.auth == "user" and not self.audience:
+            raise ValueError(f"route {self.prefix}: auth user needs an audience")
+        if not self.name:
+            object.__setattr__(self, "name", self.prefix.strip("/").replace("/", "_") or "root")
+        return self
+
+
+RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
+
+
+def is_reserved_prefix(prefix: str) -> bool:
+    """Routes may not shadow the gateway's own endpoints (`/` as a catch-all is fine)."""
+    return prefix.startswith("/auth/") or prefix.rstrip("/") in RESERVED_PATHS
+
+
+class Settings(BaseSettings):
+    """The whole configuration; see config/gateway.yaml for a documented example."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", frozen=True
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    public_url: str = Field("http://127.0.0.1:8000", description="The URL browsers use.")
+    oidc: OIDCSettings
+    session: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
+    tokens: TokenSettings = Field(default_factory=TokenSettings)  # type: ignore[arg-type]
+    csrf: CSRFSettings = Field(default_factory=CSRFSettings)  # type: ignore[arg-type]
+    forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)  # type: ignore[arg-type]
+    log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
+    limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
+    routes: list[RouteSettings] = Field(default_factory=list, description="The route table.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment wins over the file (passed as init kwargs by `load_settings`).
+        return (env_settings, init_settings)
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url_shape(cls, value: str) -> str:
+        _absolute_http_url(value, field="public_url")
+        parts = urlsplit(value)
+        if parts.query or parts.path not in ("", "/"):
+            raise ValueError("public_url must be an origin such as https://app.example.com")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Settings:
+        seen: dict[str, int] = {}
+        names: dict[str, int] = {}
+        for index, route in enumerate(self.routes):
+            if route.prefix in seen:
+                raise ValueError(f"routes.{index}.prefix: duplicate prefix {route.prefix}")
+            if route.name in names:
+                raise ValueError(f"routes.{index}.name: duplicate route name {route.name}")
+            if is_reserved_prefix(route.prefix):
+                raise ValueError(f"routes.{index}.prefix: {route.prefix} is reserved")
+            seen[route.prefix] = index
+            names[route.name] = index
+        if self.session.store == "redis" and not self.session.secret_key:
+            raise ValueError(
+                "session.secret_key: required with the redis store "
+                "(set GATEWAY_SESSION__SECRET_KEY)"
+            )
+        if self.oidc.token_endpoint_auth_method != "none" and self.oidc.client_secret is None:
+            raise ValueError(
+                "oidc.client_secret: required for "
+                f"{self.oidc.token_endpoint_auth_method} (set GATEWAY_OIDC__CLIENT_SECRET)"
+            )
+        if self.forward_auth.enabled and self.forward_auth.secret is None:
+            raise ValueError(
+                "forward_auth.secret: required when forward_auth is enabled "
+                "(set GATEWAY_FORWARD_AUTH__SECRET)"
+            )
+        return self
+
+    @property
+    def is_https(self) -> bool:
+        return self.public_url.startswith("https://")
+
+    @property
+    def allowed_origins(self) -> list[str]:
+        return self.csrf.allowed_origins or [self.public_url]
+
+    @property
+    def redirect_uri(self) -> str:
+        return self.public_url + "/auth/callback"
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each naming the field (``routes.1.audience: ...``)."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{loc}: {msg}")
+    return "\n".join(lines)
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get("GATEWAY_CONFIG", "config/gateway.yaml"))
+
+
+def load_settings(path: str | Path | None = None, **overrides: Any) -> Settings:
+    """Load the YAML file (if it exists), apply env vars, validate; raise ConfigError."""
+    config_path = Path(path) if path is not None else default_config_path()
+    data: dict[str, Any] = {}
+    if config_path.exists():
+        try:
+            loaded = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_path}: not valid YAML ({exc})") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{config_path}: the top level must be a mapping")
+        data = loaded or {}
+    elif path is not None:
+        raise ConfigError(f"{config_path}: no such file")
+    data.update(overrides)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from exc

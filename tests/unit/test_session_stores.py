@@ -1,0 +1,182 @@
+"""One contract suite, run against every SessionStore implementation (oauth2-proxy style)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from gateway.sessions import CachedToken, MemorySessionStore, Session, SessionStore
+
+IDLE = 60.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+StoreFactory = Callable[[FakeClock], AsyncIterator[SessionStore]]
+
+
+async def _memory(clock: FakeClock) -> AsyncIterator[SessionStore]:
+    yield MemorySessionStore(idle_timeout=IDLE, clock=clock)
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {"memory": _memory}
+
+
+@pytest.fixture(params=sorted(STORE_FACTORIES))
+async def store_and_clock(request: pytest.FixtureRequest) -> AsyncIterator[tuple[SessionStore, FakeClock]]:
+    clock = FakeClock()
+    gen = STORE_FACTORIES[request.param](clock)
+    store = await gen.__anext__()
+    try:
+        yield store, clock
+    finally:
+        await store.close()
+        await gen.aclose()
+
+
+def make_session(clock: FakeClock, sid: str = "s1", sub: str = "alice", **kw: object) -> Session:
+    return Session(
+        id=f"id-{sid}-{sub}",
+        sub=sub,
+        sid=sid,
+        refresh_token="rt-secret",
+        created_at=clock.now,
+        absolute_expiry=clock.now + 3600,
+        claims={"sub": sub},
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_store_save_then_load_roundtrips(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, clock = store_and_clock
+    session = make_session(clock)
+    await store.save(session)
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert loaded.refresh_token == "rt-secret"
+    assert loaded.claims == {"sub": "alice"}
+    assert await store.load("missing") is None
+
+
+async def test_store_load_after_idle_timeout_returns_none(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, clock = store_and_clock
+    session = make_session(clock)
+    await store.save(session)
+    clock.now += IDLE + 1
+    assert await store.load(session.id) is None
+
+
+async def test_store_touch_slides_idle_expiry(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, clock = store_and_clock
+    session = make_session(clock)
+    await store.save(session)
+    clock.now += IDLE - 10
+    await store.touch(session)
+    clock.now += IDLE - 10
+    assert await store.load(session.id) is not None
+
+
+async def test_store_absolute_expiry_wins_over_touch(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, clock = store_and_clock
+    session = make_session(clock)
+    session.absolute_expiry = clock.now + 30
+    await store.save(session)
+    clock.now += 20
+    await store.touch(session)
+    clock.now += 11
+    assert await store.load(session.id) is None
+
+
+async def test_store_delete_removes_session_and_tokens(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, clock = store_and_clock
+    session = make_session(clock)
+    await store.save(session)
+    token = CachedToken("at", clock.now + 100, "https://api")
+    await store.put_token(session.id, "k", token)
+    assert await store.get_token(session.id, "k") == token
+    deleted = await store.delete(session.id)
+    assert deleted is not None and deleted.id == session.id
+    assert await store.load(session.id) is None
+    assert await store.get_token(session.id, "k") is None
+    assert await store.delete(session.id) is None
+
+
+async def test_store_find_by_sid_and_sub(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, clock = store_and_clock
+    a = make_session(clock, sid="s1", sub="alice")
+    b = make_session(clock, sid="s2", sub="alice")
+    c = make_session(clock, sid="s3", sub="bob")
+    for s in (a, b, c):
+        await store.save(s)
+    assert sorted(await store.find(sub="alice")) == sorted([a.id, b.id])
+    assert await store.find(sid="s3") == [c.id]
+    assert await store.find(sid="s1", sub="bob") == []
+    assert await store.find() == []
+    await store.delete(a.id)
+    assert await store.find(sid="s1") == []
+
+
+async def test_store_expired_token_not_returned(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, clock = store_and_clock
+    session = make_session(clock)
+    await store.save(session)
+    await store.put_token(session.id, "k", CachedToken("at", clock.now + 5, "https://api"))
+    clock.now += 6
+    assert await store.get_token(session.id, "k") is None
+
+
+async def test_store_pop_login_is_single_use(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, clock = store_and_clock
+    await store.put_login("state1", {"nonce": "n", "verifier": "v"}, ttl=60)
+    assert await store.pop_login("state1") == {"nonce": "n", "verifier": "v"}
+    assert await store.pop_login("state1") is None
+    await store.put_login("state2", {"x": "y"}, ttl=10)
+    clock.now += 11
+    assert await store.pop_login("state2") is None
+
+
+async def test_store_refresh_lock_serialises_holders(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, _ = store_and_clock
+    inside = 0
+    peak = 0
+
+    async def hold() -> None:
+        nonlocal inside, peak
+        async with store.refresh_lock("sess"):
+            inside += 1
+            peak = max(peak, inside)
+            await asyncio.sleep(0.01)
+            inside -= 1
+
+    await asyncio.gather(*(hold() for _ in range(10)))
+    assert peak == 1
+
+
+async def test_store_refresh_lock_is_per_session(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, _ = store_and_clock
+    async with store.refresh_lock("a"):
+        # A different session's lock is free while "a" is held.
+        await asyncio.wait_for(_enter_and_leave(store, "b"), timeout=2)
+
+
+async def _enter_and_leave(store: SessionStore, session_id: str) -> None:
+    async with store.refresh_lock(session_id):
+        pass
+
+
+async def test_store_ping_answers(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+    store, _ = store_and_clock
+    await store.ping()
+    assert isinstance(store, SessionStore)
