@@ -18,6 +18,7 @@ never contains a token, cookie or code.
     ├── NotFound                     404 not_found
     ├── PayloadTooLarge              413 payload_too_large
     ├── HeadersTooLarge              431 headers_too_large
+    ├── IdentityProviderError        502 idp_error (IdP refused us: misconfiguration)
     ├── IdentityProviderUnavailable  503 idp_unavailable + Retry-After
     ├── SessionStoreUnavailable      503 session_store_unavailable + Retry-After
     └── UpstreamError                502 upstream_unavailable
@@ -111,6 +112,13 @@ class PayloadTooLarge(GatewayError):
 class HeadersTooLarge(GatewayError):
     status_code = 431
     error = "headers_too_large"
+
+
+class IdentityProviderError(GatewayError):
+    """The IdP answered with an error the gateway cannot act on (misconfiguration)."""
+
+    status_code = 502
+    error = "idp_error"
 
 
 class _Unavailable(GatewayError):

@@ -52,6 +52,7 @@ class CachedToken:
     expires_at: float
     audience: str
     scope: str = ""
+    issued_at: float = 0.0
 
     def __repr__(self) -> str:
         return f"CachedToken(audience={self.audience!r}, expires_at={self.expires_at:.0f})"

@@ -1,0 +1,191 @@
+"""The gateway's own endpoints under /auth: login, callback, logout, me."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Route
+
+from .errors import CSRFCheckFailed, GatewayError, LoginFailed, LoginRequired
+from .oidc import pkce_challenge
+from .security import check_csrf, new_secret_token, tokens_equal, validate_return_to
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+logger = logging.getLogger("gateway.auth")
+
+_LOGIN_TTL = 600.0
+_ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+# ID-token claims worth showing to the SPA on /auth/me; the rest stays server side.
+_PUBLIC_CLAIMS = (
+    "sub",
+    "name",
+    "given_name",
+    "family_name",
+    "nickname",
+    "email",
+    "email_verified",
+    "picture",
+    "locale",
+)
+
+
+def _no_store(response: Response) -> Response:
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Pragma"] = "no-cache"
+    return response
+
+
+class AuthEndpoints:
+    """Starlette endpoints bound to one Gateway."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+
+    def routes(self) -> list[BaseRoute]:
+        return [
+            Route("/auth/login", self.login, methods=["GET"]),
+            Route("/auth/callback", self.callback, methods=["GET"]),
+            Route("/auth/logout", self.logout, methods=["GET", "POST"]),
+            Route("/auth/me", self.me, methods=["GET"]),
+        ]
+
+    async def login(self, request: Request) -> Response:
+        """Start authorization code + PKCE (S256) with state and nonce."""
+        gw = self._gw
+        await gw.ensure_started()
+        return_to = validate_return_to(request.query_params.get("return_to"))
+        state, nonce, verifier = (
+            new_secret_token(),
+            new_secret_token(),
+            new_secret_token() + new_secret_token(),
+        )
+        await gw.store.put_login(
+            state, {"nonce": nonce, "verifier": verifier, "return_to": return_to}, ttl=_LOGIN_TTL
+        )
+        url = await gw.oidc.authorize_url(
+            state=state, nonce=nonce, code_challenge=pkce_challenge(verifier)
+        )
+        response = RedirectResponse(url, status_code=302)
+        response.headers.append("Set-Cookie", gw.sessions.login_cookie(state))
+        return _no_store(response)
+
+    async def callback(self, request: Request) -> Response:
+        """Finish login: check state (single use, bound to this browser), exchange the code,
+        validate the ID token, then start a brand-new session."""
+        gw = self._gw
+        await gw.ensure_started()
+        params = request.query_params
+        if "error" in params:
+            reason = params["error"] if _ERROR_CODE.match(params["error"]) else "invalid_error"
+            raise LoginFailed(f"the identity provider refused the login ({reason})")
+        state, code = params.get("state"), params.get("code")
+        if not state or not code:
+            raise LoginFailed("the callback lacks state or code")
+        browser_state = request.cookies.get(gw.sessions.login_cookie_name)
+        if not tokens_equal(browser_state, state):
+            raise LoginFailed("this login was not started in this browser")
+        pending = await gw.store.pop_login(state)
+        if pending is None:
+            raise LoginFailed("unknown, expired or already used login state")
+        tokens = await gw.oidc.exchange_code(code=code, verifier=pending["verifier"])
+        if tokens.id_token is None:
+            raise LoginFailed("the identity provider returned no ID token")
+        claims = await gw.oidc.validate_id_token(tokens.id_token, nonce=pending["nonce"])
+        if tokens.refresh_token is None:
+            raise LoginFailed("the identity provider issued no refresh token (offline_access?)")
+        old = gw.sessions.session_id_from_cookie(request.headers.get("cookie"))
+        if old is not None:
+            await gw.end_session(old)
+        session, cookie = await gw.sessions.create(
+            sub=str(claims["sub"]),
+            sid=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
+            refresh_token=tokens.refresh_token,
+            id_token=tokens.id_token,
+            claims={k: claims[k] for k in _PUBLIC_CLAIMS if k in claims},
+        )
+        logger.info("login complete for session %s", session.id[:8])
+        response = RedirectResponse(pending["return_to"], status_code=302)
+        response.headers.append("Set-Cookie", cookie)
+        response.headers.append("Set-Cookie", gw.sessions.clear_login_cookie())
+        return _no_store(response)
+
+    async def logout(self, request: Request) -> Response:
+        """End the session here and at the IdP: revoke the refresh token, drop the session and
+        its tokens, clear the cookie, then send the browser to the IdP's logout."""
+        gw = self._gw
+        await gw.ensure_started()
+        header = request.headers.get(gw.settings.csrf.header)
+        if header is not None:
+            check_csrf(
+                method=request.method,
+                header_value=header,
+                expected_value=gw.settings.csrf.value,
+                origin=request.headers.get("origin"),
+                sec_fetch_site=request.headers.get("sec-fetch-site"),
+                allowed_origins=gw.settings.allowed_origins,
+            )
+        elif not _is_same_origin_navigation(request, gw.settings.allowed_origins):
+            raise CSRFCheckFailed("logout needs the anti-CSRF header or a same-origin form post")
+        session_id = gw.sessions.session_id_from_cookie(request.headers.get("cookie"))
+        session = await gw.end_session(session_id, revoke=True) if session_id else None
+        post_logout = gw.post_logout_redirect_url
+        logout_url = (
+            await gw.oidc.end_session_url(
+                id_token_hint=session.id_token, post_logout_redirect_uri=post_logout
+            )
+            if session is not None
+            else None
+        ) or post_logout
+        response: Response
+        if header is not None:
+            response = JSONResponse({"logged_out": session is not None, "logout_url": logout_url})
+        else:
+            response = RedirectResponse(logout_url, status_code=303)
+        response.headers.append("Set-Cookie", gw.sessions.clear_cookie())
+        return _no_store(response)
+
+    async def me(self, request: Request) -> Response:
+        """The user, the session's expiry and the routes the SPA may call."""
+        gw = self._gw
+        await gw.ensure_started()
+        session = await gw.sessions.current(request.headers.get("cookie"))
+        if session is None:
+            raise LoginRequired("no valid session", login_url=gw.login_url)
+        body: dict[str, Any] = {
+            "sub": session.sub,
+            "claims": session.claims,
+            "session": {
+                "created_at": int(session.created_at),
+                "expires_at": int(session.absolute_expiry),
+                "idle_timeout": int(gw.settings.session.idle_timeout),
+            },
+            "routes": [
+                {
+                    "name": r.name,
+                    "prefix": r.prefix,
+                    "audience": r.settings.audience,
+                    "scopes": r.settings.scopes,
+                }
+                for r in gw.routes
+                if r.needs_token
+            ],
+        }
+        return _no_store(JSONResponse(body))
+
+
+def _is_same_origin_navigation(request: Request, allowed_origins: list[str]) -> bool:
+    """A logout form posted from our own pages: same Origin (POST) or Sec-Fetch-Site."""
+    origin = request.headers.get("origin")
+    site = request.headers.get("sec-fetch-site")
+    if request.method == "POST" and origin is not None:
+        return origin in allowed_origins and site in (None, "same-origin")
+    return site == "same-origin"
+
+
+__all__ = ["AuthEndpoints", "GatewayError"]

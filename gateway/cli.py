@@ -1,0 +1,101 @@
+"""Command line: ``gateway run`` serves, ``gateway check`` validates (exit 2 on bad config)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from .errors import ConfigError, GatewayError
+from .settings import Settings, load_settings
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="serve the gateway with uvicorn")
+    run.add_argument(
+        "--config", help="YAML file (default $GATEWAY_CONFIG, then config/gateway.yaml)"
+    )
+    run.add_argument("--host", help="bind address (default server.host)")
+    run.add_argument("--port", type=int, help="bind port (default server.port)")
+    check = sub.add_parser("check", help="validate the configuration and print the route table")
+    check.add_argument(
+        "--config", help="YAML file (default $GATEWAY_CONFIG, then config/gateway.yaml)"
+    )
+    check.add_argument("--online", action="store_true", help="also fetch discovery and JWKS")
+    return parser
+
+
+def format_route_table(settings: Settings) -> str:
+    """The route table as aligned text."""
+    rows = [("NAME", "PREFIX", "UPSTREAM", "AUTH", "AUDIENCE", "SCOPES")]
+    for r in sorted(settings.routes, key=lambda r: r.prefix):
+        rows.append(
+            (r.name, r.prefix, r.upstream, r.auth, r.audience or "-", " ".join(r.scopes) or "-")
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+async def _check_online(settings: Settings) -> None:
+    import httpx
+
+    from .oidc import OIDCClient
+
+    async with httpx.AsyncClient(timeout=settings.oidc.http_timeout) as http:
+        oidc = OIDCClient(settings, http)
+        metadata = await oidc.metadata()
+        await oidc.refresh_jwks()
+        print(f"issuer ok: {metadata['issuer']}")
+        print(f"token endpoint: {metadata['token_endpoint']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"gateway: invalid configuration:\n{exc.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.command == "check":
+        print(f"configuration ok: {len(settings.routes)} routes, dialect {settings.oidc.dialect}")
+        print(format_route_table(settings))
+        if args.online:
+            try:
+                asyncio.run(_check_online(settings))
+            except GatewayError as exc:
+                print(f"gateway: {exc.error}: {exc.message}", file=sys.stderr)
+                return EXIT_FAILED
+        return EXIT_OK
+    return serve(settings, host=args.host, port=args.port)
+
+
+def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
+    """Run the gateway under uvicorn until interrupted."""
+    import uvicorn
+
+    from .app import create_app
+    from .observability import configure_logging
+
+    configure_logging(settings.log)
+    uvicorn.run(
+        create_app(settings),
+        host=host or settings.server.host,
+        port=port if port is not None else settings.server.port,
+        proxy_headers=False,
+        server_header=False,
+        timeout_graceful_shutdown=int(settings.server.graceful_timeout),
+        log_config=None,
+        access_log=False,
+    )
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

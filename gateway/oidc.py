@@ -1,0 +1,403 @@
+"""Talking to the OpenID Provider: discovery, JWKS, authorize URL, token endpoint, ID tokens.
+
+All HTTP to the IdP goes through one ``httpx.AsyncClient``; every transport error, timeout,
+5xx, 429 or malformed answer is translated here, once, into the error tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import httpx
+import jwt
+
+from .errors import (
+    AudienceNotPermitted,
+    GatewayError,
+    IdentityProviderError,
+    IdentityProviderUnavailable,
+    InsufficientScope,
+    LoginFailed,
+    LoginRequired,
+    RefreshTokenRejected,
+)
+from .security import tokens_equal
+from .settings import Settings
+
+logger = logging.getLogger("gateway.oidc")
+
+# Asymmetric algorithms only: `none` and HMAC (which would let the client secret sign tokens)
+# are refused whatever the IdP advertises.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+_METADATA_TTL = 3600.0
+_JWKS_MIN_REFETCH = 30.0
+
+
+def pkce_challenge(verifier: str) -> str:
+    """S256 code challenge (RFC 7636 §4.2)."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class TokenResponse:
+    """The useful part of a token-endpoint answer."""
+
+    access_token: str
+    expires_in: float | None
+    refresh_token: str | None
+    id_token: str | None
+    scope: str | None
+    token_type: str
+
+    def __repr__(self) -> str:
+        return f"TokenResponse(expires_in={self.expires_in}, scope={self.scope!r})"
+
+
+def _parse_token_response(payload: dict[str, Any]) -> TokenResponse:
+    access_token = payload.get("access_token")
+    if not isinstance(access_token, str) or not access_token:
+        raise IdentityProviderUnavailable(
+            "the identity provider's token answer has no access_token"
+        )
+    expires_in = payload.get("expires_in")
+    if expires_in is not None:
+        try:
+            expires_in = float(expires_in)
+        except (TypeError, ValueError):
+            expires_in = None
+
+    def _str(key: str) -> str | None:
+        value = payload.get(key)
+        return value if isinstance(value, str) and value else None
+
+    return TokenResponse(
+        access_token=access_token,
+        expires_in=expires_in,
+        refresh_token=_str("refresh_token"),
+        id_token=_str("id_token"),
+        scope=_str("scope"),
+        token_type=_str("token_type") or "Bearer",
+    )
+
+
+# OAuth error codes (RFC 6749 §5.2, RFC 8707 §2, Auth0) -> what the gateway does about them.
+_REFRESH_ERRORS: dict[str, type[GatewayError]] = {
+    "invalid_grant": RefreshTokenRejected,
+    "invalid_target": AudienceNotPermitted,
+    "access_denied": AudienceNotPermitted,
+    "invalid_scope": InsufficientScope,
+    "mfa_required": LoginRequired,
+    "interaction_required": LoginRequired,
+    "login_required": LoginRequired,
+    "consent_required": LoginRequired,
+}
+
+
+class OIDCClient:
+    """The gateway as an OIDC relying party of one issuer."""
+
+    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
+        self._settings = settings
+        self._oidc = settings.oidc
+        self._http = http
+        self._metadata: dict[str, Any] | None = None
+        self._metadata_at = 0.0
+        self._jwks: jwt.PyJWKSet | None = None
+        self._jwks_at = 0.0
+        self._lock = asyncio.Lock()
+
+    # -- discovery and keys -------------------------------------------------------------------
+
+    async def metadata(self) -> dict[str, Any]:
+        """The discovery document, fetched once and cached for an hour."""
+        if self._metadata is not None and time.monotonic() - self._metadata_at < _METADATA_TTL:
+            return self._metadata
+        async with self._lock:
+            if self._metadata is None or time.monotonic() - self._metadata_at >= _METADATA_TTL:
+                url = self._oidc.issuer.rstrip("/") + "/.well-known/openid-configuration"
+                document = await self._get_json(url, what="discovery document")
+                for key in ("issuer", "authorization_endpoint", "token_endpoint", "jwks_uri"):
+                    if not isinstance(document.get(key), str):
+                        raise IdentityProviderUnavailable(f"the discovery document lacks {key}")
+                if document["issuer"].rstrip("/") != self._oidc.issuer.rstrip("/"):
+                    raise IdentityProviderError("the discovery document names another issuer")
+                self._metadata, self._metadata_at = document, time.monotonic()
+        assert self._metadata is not None
+        return self._metadata
+
+    @property
+    def is_ready(self) -> bool:
+        return self._metadata is not None and self._jwks is not None
+
+    async def signing_key(self, kid: str | None) -> jwt.PyJWK:
+        """The JWKS key for ``kid``; refetches the JWKS (rate-limited) on an unknown kid."""
+        key = self._find_key(kid)
+        if key is not None:
+            return key
+        if self._jwks is None or time.monotonic() - self._jwks_at >= _JWKS_MIN_REFETCH:
+            await self.refresh_jwks()
+            key = self._find_key(kid)
+        if key is None:
+            raise LoginFailed("the token is signed with an unknown key")
+        return key
+
+    async def refresh_jwks(self) -> None:
+        metadata = await self.metadata()
+        document = await self._get_json(metadata["jwks_uri"], what="JWKS")
+        try:
+            self._jwks = jwt.PyJWKSet.from_dict(document)
+        except jwt.PyJWTError as exc:
+            raise IdentityProviderUnavailable("the identity provider's JWKS is unusable") from exc
+        self._jwks_at = time.monotonic()
+
+    def _find_key(self, kid: str | None) -> jwt.PyJWK | None:
+        if self._jwks is None:
+            return None
+        keys = self._jwks.keys
+        if kid is None:
+            return keys[0] if len(keys) == 1 else None
+        return next((k for k in keys if k.key_id == kid), None)
+
+    # -- login ----------------------------------------------------------------------------------
+
+    def login_scopes(self) -> list[str]:
+        """Scopes asked for at login: the configured ones plus what the routes need."""
+        scopes = list(self._oidc.scopes)
+        for route in self._settings.routes:
+            if route.auth != "user":
+                continue
+            if self._oidc.dialect == "rfc8707" or route.audience == self._oidc.login_audience:
+                scopes.extend(s for s in route.scopes if s not in scopes)
+        return scopes
+
+    def login_resources(self) -> list[str]:
+        """RFC 8707: every route audience is requested at login, so that the refresh token
+        can later mint a token for each (the server may only narrow, never widen)."""
+        resources: list[str] = []
+        for route in self._settings.routes:
+            if route.auth == "user" and route.audience and route.audience not in resources:
+                resources.append(route.audience)
+        return resources
+
+    async def authorize_url(self, *, state: str, nonce: str, code_challenge: str) -> str:
+        metadata = await self.metadata()
+        params: list[tuple[str, str]] = [
+            ("response_type", "code"),
+            ("client_id", self._oidc.client_id),
+            ("redirect_uri", self._settings.redirect_uri),
+            ("scope", " ".join(self.login_scopes())),
+            ("state", state),
+            ("nonce", nonce),
+            ("code_challenge", code_challenge),
+            ("code_challenge_method", "S256"),
+        ]
+        if self._oidc.dialect == "auth0":
+            if self._oidc.login_audience:
+                params.append(("audience", self._oidc.login_audience))
+        else:
+            params.extend(("resource", r) for r in self.login_resources())
+        if self._oidc.prompt:
+            params.append(("prompt", self._oidc.prompt))
+        params.extend(self._oidc.extra_authorize_params.items())
+        return f"{metadata['authorization_endpoint']}?{urlencode(params)}"
+
+    async def exchange_code(self, *, code: str, verifier: str) -> TokenResponse:
+        data = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self._settings.redirect_uri,
+            "code_verifier": verifier,
+        }
+        try:
+            return await self._token_request(data)
+        except (
+            RefreshTokenRejected,
+            AudienceNotPermitted,
+            InsufficientScope,
+            LoginRequired,
+        ) as exc:
+            raise LoginFailed(f"the identity provider refused the code ({exc.error})") from exc
+
+    async def validate_id_token(self, id_token: str, *, nonce: str | None) -> dict[str, Any]:
+        """Verify signature (JWKS), iss, aud, exp, iat and nonce; return the claims."""
+        try:
+            header = jwt.get_unverified_header(id_token)
+        except jwt.PyJWTError as exc:
+            raise LoginFailed("the ID token is malformed") from exc
+        alg = header.get("alg")
+        metadata = await self.metadata()
+        advertised = set(metadata.get("id_token_signing_alg_values_supported") or ["RS256"])
+        allowed = sorted(ASYMMETRIC_ALGORITHMS & advertised) or ["RS256"]
+        if alg not in allowed:
+            raise LoginFailed(f"the ID token algorithm {alg!r} is not accepted")
+        key = await self.signing_key(header.get("kid"))
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                id_token,
+                key=key.key,
+                algorithms=allowed,
+                audience=self._oidc.client_id,
+                issuer=metadata["issuer"],
+                leeway=self._oidc.clock_leeway,
+                options={"require": ["iss", "aud", "exp", "iat", "sub"]},
+            )
+        except jwt.PyJWTError as exc:
+            raise LoginFailed(f"the ID token is invalid ({type(exc).__name__})") from exc
+        audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
+        if len(audiences) > 1 and claims.get("azp") != self._oidc.client_id:
+            raise LoginFailed("the ID token's azp does not name this client")
+        if nonce is not None and not tokens_equal(_as_str(claims.get("nonce")), nonce):
+            raise LoginFailed("the ID token's nonce does not match the login")
+        return claims
+
+    # -- refresh, revoke, logout ----------------------------------------------------------------
+
+    async def refresh(
+        self, refresh_token: str, *, audience: str, scopes: list[str]
+    ) -> TokenResponse:
+        """Exchange the (multi-resource) refresh token for a token for one audience."""
+        data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        data["audience" if self._oidc.dialect == "auth0" else "resource"] = audience
+        if scopes:
+            data["scope"] = " ".join(scopes)
+        return await self._token_request(data)
+
+    async def revoke(self, token: str, *, hint: str = "refresh_token") -> bool:
+        """Best-effort RFC 7009 revocation; True when the IdP confirmed it."""
+        try:
+            metadata = await self.metadata()
+        except GatewayError:
+            return False
+        endpoint = metadata.get("revocation_endpoint")
+        if not isinstance(endpoint, str):
+            return False
+        data = {"token": token, "token_type_hint": hint}
+        try:
+            response = await self._http.post(
+                endpoint, data=self._with_client_auth(data), auth=self._basic_auth()
+            )
+        except httpx.HTTPError as exc:
+            logger.warning("token revocation failed: %s", type(exc).__name__)
+            return False
+        if response.status_code != 200:
+            logger.warning("token revocation answered %s", response.status_code)
+            return False
+        return True
+
+    async def end_session_url(
+        self, *, id_token_hint: str | None, post_logout_redirect_uri: str
+    ) -> str | None:
+        """RP-initiated logout URL (OIDC RP-Initiated Logout 1.0, or Auth0 /v2/logout)."""
+        try:
+            metadata = await self.metadata()
+        except GatewayError:
+            return None
+        endpoint = metadata.get("end_session_endpoint")
+        if isinstance(endpoint, str):
+            params = {
+                "client_id": self._oidc.client_id,
+                "post_logout_redirect_uri": post_logout_redirect_uri,
+            }
+            if id_token_hint:
+                params["id_token_hint"] = id_token_hint
+            return f"{endpoint}?{urlencode(params)}"
+        if self._oidc.dialect == "auth0":
+            params = {"client_id": self._oidc.client_id, "returnTo": post_logout_redirect_uri}
+            return f"{self._oidc.issuer.rstrip('/')}/v2/logout?{urlencode(params)}"
+        return None
+
+    # -- plumbing -------------------------------------------------------------------------------
+
+    def _basic_auth(self) -> httpx.Auth | httpx._client.UseClientDefault:
+        if (
+            self._oidc.token_endpoint_auth_method == "client_secret_basic"
+            and self._oidc.client_secret
+        ):
+            return httpx.BasicAuth(
+                self._oidc.client_id, self._oidc.client_secret.get_secret_value()
+            )
+        return httpx.USE_CLIENT_DEFAULT
+
+    def _with_client_auth(self, data: dict[str, str]) -> dict[str, str]:
+        data = dict(data)
+        if self._oidc.token_endpoint_auth_method != "client_secret_basic":
+            data["client_id"] = self._oidc.client_id
+        if (
+            self._oidc.token_endpoint_auth_method == "client_secret_post"
+            and self._oidc.client_secret
+        ):
+            data["client_secret"] = self._oidc.client_secret.get_secret_value()
+        return data
+
+    async def _token_request(self, data: dict[str, str]) -> TokenResponse:
+        metadata = await self.metadata()
+        body = self._with_client_auth(data)
+        try:
+            response = await self._http.post(
+                metadata["token_endpoint"], data=body, auth=self._basic_auth()
+            )
+        except httpx.TimeoutException as exc:
+            raise IdentityProviderUnavailable("the identity provider timed out") from exc
+        except httpx.HTTPError as exc:
+            raise IdentityProviderUnavailable("the identity provider is unreachable") from exc
+        if response.status_code == 429 or response.status_code >= 500:
+            raise IdentityProviderUnavailable(
+                f"the identity provider answered {response.status_code}",
+                retry_after=_retry_after(response),
+            )
+        payload = _json_object(response)
+        if response.status_code != 200:
+            code = payload.get("error") if payload else None
+            code = code if isinstance(code, str) else "unknown_error"
+            error_class = _REFRESH_ERRORS.get(code)
+            if error_class is not None:
+                raise error_class(f"the identity provider refused the token request ({code})")
+            if code in ("invalid_client", "unauthorized_client"):
+                logger.error("the identity provider rejected the gateway's client (%s)", code)
+            raise IdentityProviderError(
+                f"the identity provider answered {response.status_code} ({code})"
+            )
+        if payload is None:
+            raise IdentityProviderUnavailable("the identity provider's token answer is not JSON")
+        return _parse_token_response(payload)
+
+    async def _get_json(self, url: str, *, what: str) -> dict[str, Any]:
+        try:
+            response = await self._http.get(url)
+        except httpx.HTTPError as exc:
+            raise IdentityProviderUnavailable(f"cannot fetch the {what}") from exc
+        if response.status_code != 200:
+            raise IdentityProviderUnavailable(
+                f"the {what} answered {response.status_code}", retry_after=_retry_after(response)
+            )
+        payload = _json_object(response)
+        if payload is None:
+            raise IdentityProviderUnavailable(f"the {what} is not a JSON object")
+        return payload
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any] | None:
+    try:
+        payload = response.json()
+    except ValueError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _retry_after(response: httpx.Response, default: int = 5) -> int:
+    value = response.headers.get("retry-after", "")
+    return int(value) if value.isdigit() else default
+
+
+def _as_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None

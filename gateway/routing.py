@@ -1,0 +1,109 @@
+"""The route table: longest-prefix match of a normalised path, and the upstream URL. Pure."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote, urlsplit
+
+from .errors import InvalidPath
+from .settings import RouteSettings
+
+
+def normalize_path(raw_path: str) -> str:
+    """Resolve ``.``/``..`` segments of a raw (still percent-encoded) path, RFC 3986 §5.2.4.
+
+    Segments are judged after percent-decoding, so ``%2e%2e`` counts as ``..``; a segment that
+    decodes to a slash or backslash, a NUL or control character, or a ``..`` climbing above the
+    root is refused: each is a known way to make an upstream resolve a path outside the route.
+    The result keeps its original encoding otherwise.
+    """
+    if not raw_path.startswith("/"):
+        raise InvalidPath("the path must start with /")
+    out: list[str] = []
+    segments = raw_path[1:].split("/")
+    for index, segment in enumerate(segments):
+        decoded = unquote(segment, errors="strict") if "%" in segment else segment
+        if any(ch in decoded for ch in "/\\") or any(
+            ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded
+        ):
+            raise InvalidPath("the path contains an encoded slash, backslash or control character")
+        last = index == len(segments) - 1
+        if decoded == ".":
+            if last:
+                out.append("")
+            continue
+        if decoded == "..":
+            if not out:
+                raise InvalidPath("the path climbs above the root")
+            out.pop()
+            if last:
+                out.append("")
+            continue
+        out.append(segment)
+    return "/" + "/".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A compiled route: settings plus the parsed upstream."""
+
+    settings: RouteSettings
+    upstream_origin: str  # scheme://host:port
+    upstream_path: str  # always ends with "/"
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    @property
+    def prefix(self) -> str:
+        return self.settings.prefix
+
+    @property
+    def needs_token(self) -> bool:
+        return self.settings.auth == "user"
+
+    def upstream_url(self, path: str, query: str) -> str:
+        """Map a normalised request path (already matched to this route) to the upstream URL."""
+        if self.settings.strip_prefix:
+            rest = path[len(self.prefix) :] if path.startswith(self.prefix) else ""
+            target = self.upstream_path + rest
+        else:
+            target = self.upstream_path.rstrip("/") + path
+        return self.upstream_origin + target + (f"?{query}" if query else "")
+
+
+def _compile(settings: RouteSettings) -> Route:
+    parts = urlsplit(settings.upstream)
+    path = parts.path or "/"
+    if not path.endswith("/"):
+        path += "/"
+    return Route(
+        settings=settings, upstream_origin=f"{parts.scheme}://{parts.netloc}", upstream_path=path
+    )
+
+
+class RouteTable:
+    """Longest prefix wins; ``/api`` (no trailing slash) matches the route ``/api/``."""
+
+    def __init__(self, routes: list[RouteSettings]) -> None:
+        self._routes = sorted(
+            (_compile(r) for r in routes), key=lambda r: len(r.prefix), reverse=True
+        )
+        self._by_name = {r.name: r for r in self._routes}
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._routes)
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def by_name(self, name: str) -> Route | None:
+        return self._by_name.get(name)
+
+    def match(self, path: str) -> Route | None:
+        """The route for a normalised path, or None."""
+        for route in self._routes:
+            if path.startswith(route.prefix) or path == route.prefix[:-1]:
+                return route
+        return None

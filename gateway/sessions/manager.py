@@ -1,0 +1,135 @@
+"""SessionManager: from a request's cookie to a live Session, and back to a Set-Cookie.
+
+The cookie carries ``<token>.<signature>``: 256 random bits plus an HMAC, so that garbage or
+tampered cookies are refused before any store lookup. The store key is SHA-256(token).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..crypto import SessionCipher
+from ..security import (
+    cookie_name,
+    format_cookie,
+    is_token_shaped,
+    new_secret_token,
+    read_cookie,
+    session_id_for,
+)
+from ..settings import Settings
+from .base import Session, SessionStore
+
+_MAX_COOKIE_LEN = 256
+LOGIN_COOKIE_TTL = 600
+
+
+class SessionManager:
+    """Reads, creates and ends sessions; owns the cookie format."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: SessionStore,
+        cipher: SessionCipher,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._settings = settings
+        self.store = store
+        self._cipher = cipher
+        self._clock = clock
+        https = settings.is_https
+        self._https = https
+        self.cookie_name = cookie_name(settings.session.cookie_name, https=https)
+        self.login_cookie_name = cookie_name(settings.session.cookie_name + "_login", https=https)
+        self.cookie_names = frozenset({self.cookie_name, self.login_cookie_name})
+        self.cookie_names_bytes = frozenset(n.encode() for n in self.cookie_names)
+        # Sliding the idle expiry costs a store write; do it at most this often per session.
+        self._touch_interval = min(60.0, settings.session.idle_timeout / 10)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def session_id_from_cookie(self, cookie_header: str | None) -> str | None:
+        """The store key named by a well-formed, correctly signed cookie, else None."""
+        value = read_cookie(cookie_header, self.cookie_name)
+        if value is None or len(value) > _MAX_COOKIE_LEN:
+            return None
+        token, sep, signature = value.rpartition(".")
+        if not sep or not is_token_shaped(token):
+            return None
+        if not self._cipher.verify(token.encode(), signature):
+            return None
+        return session_id_for(token)
+
+    async def current(self, cookie_header: str | None) -> Session | None:
+        """The live session of this cookie (sliding its idle expiry), or None."""
+        session_id = self.session_id_from_cookie(cookie_header)
+        if session_id is None:
+            return None
+        session = await self.store.load(session_id)
+        if session is None:
+            return None
+        now = self._clock()
+        if session.is_expired(now):
+            await self.store.delete(session_id)
+            return None
+        if now - session.last_seen >= self._touch_interval:
+            session.last_seen = now
+            await self.store.touch(session)
+        return session
+
+    # -- writing ----------------------------------------------------------------------------
+
+    async def create(
+        self,
+        *,
+        sub: str,
+        sid: str | None,
+        refresh_token: str,
+        id_token: str | None,
+        claims: dict[str, Any],
+    ) -> tuple[Session, str]:
+        """A brand-new session (new id: no fixation) and the Set-Cookie value for it."""
+        token = new_secret_token()
+        now = self._clock()
+        session = Session(
+            id=session_id_for(token),
+            sub=sub,
+            sid=sid,
+            refresh_token=refresh_token,
+            id_token=id_token,
+            claims=claims,
+            created_at=now,
+            absolute_expiry=now + self._settings.session.absolute_timeout,
+            last_seen=now,
+        )
+        await self.store.save(session)
+        value = f"{token}.{self._cipher.sign(token.encode())}"
+        return session, self.session_cookie(value)
+
+    def session_cookie(self, value: str) -> str:
+        return format_cookie(
+            self.cookie_name,
+            value,
+            https=self._https,
+            max_age=int(self._settings.session.absolute_timeout),
+            samesite=self._settings.session.cookie_samesite,
+        )
+
+    def clear_cookie(self) -> str:
+        return format_cookie(self.cookie_name, "", https=self._https, max_age=0)
+
+    def login_cookie(self, state: str) -> str:
+        # Lax, not Strict: the IdP's redirect back to /auth/callback is a cross-site navigation.
+        return format_cookie(
+            self.login_cookie_name,
+            state,
+            https=self._https,
+            max_age=LOGIN_COOKIE_TTL,
+            samesite="lax",
+        )
+
+    def clear_login_cookie(self) -> str:
+        return format_cookie(self.login_cookie_name, "", https=self._https, max_age=0)

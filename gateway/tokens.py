@@ -1,0 +1,201 @@
+"""TokenBroker: swaps a session's refresh token for an access token per audience.
+
+The order of operations is the product (DESIGN.md §2):
+1. a token cached for (session, audience, scopes) and not due for refresh is used as is;
+2. otherwise the session's refresh lock is taken (one exchange per session at a time, across
+   instances with Redis), the caches are read again (a waiter usually finds the token that the
+   holder just minted) and the session is reloaded (the refresh token may have rotated);
+3. a rotated refresh token is saved before anything else happens with the answer;
+4. the new access token is checked (``aud`` and ``scope``) before it is cached or forwarded,
+   because Auth0 answers an audience outside the MRRT policy with a token for the default
+   audience and silently drops scopes it does not allow (shared/MRRT.md §1.3).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import jwt
+from cachetools import TLRUCache
+
+from .errors import (
+    AudienceNotPermitted,
+    GatewayError,
+    IdentityProviderUnavailable,
+    InsufficientScope,
+    LoginRequired,
+    RefreshTokenRejected,
+)
+from .oidc import OIDCClient, TokenResponse
+from .routing import Route
+from .sessions.base import CachedToken, Session, SessionStore
+from .settings import TokenSettings
+
+logger = logging.getLogger("gateway.tokens")
+
+_DEFAULT_LIFETIME = 300.0  # when the IdP names no expiry and the token is opaque
+_REFUSAL_TTL = 30.0  # a refused audience is not asked for again this soon
+
+CacheKey = tuple[str, str, str]
+
+
+class TokenBroker:
+    """Per-(session, audience, scopes) access-token cache in front of the refresh grant."""
+
+    def __init__(
+        self,
+        *,
+        oidc: OIDCClient,
+        store: SessionStore,
+        settings: TokenSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._oidc = oidc
+        self._store = store
+        self._skew = settings.skew
+        self._allow_opaque = settings.allow_opaque
+        self._clock = clock
+        self._cache: TLRUCache[CacheKey, CachedToken] = TLRUCache(
+            maxsize=settings.cache_size, ttu=lambda _k, v, _now: v.expires_at, timer=clock
+        )
+        self._refusals: TLRUCache[CacheKey, GatewayError] = TLRUCache(
+            maxsize=10_000, ttu=lambda _k, _v, now: now + _REFUSAL_TTL, timer=clock
+        )
+        self.exchanges = 0  # refresh-token grants sent (observability, tests)
+
+    async def access_token(self, session: Session, route: Route) -> str:
+        """A checked access token for ``route``'s audience; refreshes when due."""
+        audience = route.settings.audience or ""
+        scopes = route.settings.scopes
+        key: CacheKey = (session.id, audience, " ".join(scopes))
+        now = self._clock()
+        cached = self._cache.get(key)
+        if cached is not None and now < self._due(cached):
+            return cached.access_token
+        refusal = self._refusals.get(key)
+        if refusal is not None:
+            raise refusal
+        store_key = f"{audience} {key[2]}"
+        shared = await self._store.get_token(session.id, store_key)
+        if shared is not None and now < self._due(shared):
+            self._cache[key] = shared
+            return shared.access_token
+
+        async with self._store.refresh_lock(session.id):
+            # Whoever held the lock before us may have minted exactly this token.
+            now = self._clock()
+            cached = self._cache.get(key) or await self._store.get_token(session.id, store_key)
+            if cached is not None and now < self._due(cached):
+                self._cache[key] = cached
+                return cached.access_token
+            current = await self._store.load(session.id)
+            if current is None:
+                raise LoginRequired("the session has ended")
+            try:
+                answer = await self._exchange(current, audience, scopes)
+            except IdentityProviderUnavailable:
+                if cached is not None and now < cached.expires_at:
+                    logger.warning(
+                        "identity provider unavailable; serving a cached token for %s", route.name
+                    )
+                    return cached.access_token
+                raise
+            try:
+                token = self._checked(answer, audience=audience, scopes=scopes, now=now)
+            except (AudienceNotPermitted, InsufficientScope) as exc:
+                self._refusals[key] = exc
+                raise
+            self._cache[key] = token
+            await self._store.put_token(session.id, store_key, token)
+            return token.access_token
+
+    def forget(self, session_id: str) -> None:
+        """Drop this process's cached tokens of a session (logout)."""
+        for key in [k for k in list(self._cache.keys()) if k[0] == session_id]:
+            self._cache.pop(key, None)
+
+    def _due(self, token: CachedToken) -> float:
+        """When a token is due: ``skew`` before expiry, but never before half its life, so that
+        tokens living less than the skew do not cause an exchange on every request."""
+        lifetime = token.expires_at - token.issued_at if token.issued_at else float("inf")
+        return token.expires_at - min(self._skew, lifetime / 2)
+
+    async def _exchange(self, session: Session, audience: str, scopes: list[str]) -> TokenResponse:
+        self.exchanges += 1
+        try:
+            answer = await self._oidc.refresh(
+                session.refresh_token, audience=audience, scopes=scopes
+            )
+        except RefreshTokenRejected:
+            # The refresh token is dead (expired, revoked, reuse detected): so is the session.
+            await self._store.delete(session.id)
+            self.forget(session.id)
+            raise
+        if answer.refresh_token and answer.refresh_token != session.refresh_token:
+            # Rotation: the old refresh token is now invalid; persist the new one before the
+            # answer is used for anything, so that no request can see a dead token.
+            await self._store.save(
+                replace(
+                    session, refresh_token=answer.refresh_token, rt_version=session.rt_version + 1
+                )
+            )
+        return answer
+
+    def _checked(
+        self, answer: TokenResponse, *, audience: str, scopes: list[str], now: float
+    ) -> CachedToken:
+        """Fail closed on a token for another audience or without the route's scopes."""
+        expires_at = now + (
+            answer.expires_in if answer.expires_in is not None else _DEFAULT_LIFETIME
+        )
+        granted_scope = answer.scope
+        claims = _unverified_claims(answer.access_token)
+        if claims is None:
+            if not self._allow_opaque:
+                raise AudienceNotPermitted(
+                    f"the identity provider issued an opaque token for {audience}; its audience "
+                    "cannot be checked (set tokens.allow_opaque to accept such tokens)"
+                )
+        else:
+            aud = claims.get("aud")
+            audiences = aud if isinstance(aud, list) else [aud]
+            if audience not in audiences:
+                raise AudienceNotPermitted(
+                    f"the identity provider did not issue a token for {audience}"
+                )
+            exp = claims.get("exp")
+            if isinstance(exp, int | float):
+                expires_at = min(expires_at, float(exp))
+            claimed_scope = claims.get("scope")
+            if granted_scope is None and isinstance(claimed_scope, str):
+                granted_scope = claimed_scope
+        if scopes:
+            have = set((granted_scope or "").split())
+            missing = [s for s in scopes if s not in have]
+            # A server that names no scope at all granted what was asked (RFC 6749 §5.1).
+            if missing and granted_scope is not None:
+                raise InsufficientScope(f"the token for {audience} lacks scope {' '.join(missing)}")
+        if expires_at <= now:
+            raise IdentityProviderUnavailable("the identity provider issued an expired token")
+        return CachedToken(
+            access_token=answer.access_token,
+            expires_at=expires_at,
+            audience=audience,
+            scope=granted_scope or "",
+            issued_at=now,
+        )
+
+
+def _unverified_claims(token: str) -> dict[str, object] | None:
+    """Claims of a JWT access token, without verifying it: the gateway is not its audience and
+    got it straight from the IdP over TLS; it only checks that it is the token it asked for."""
+    if token.count(".") != 2:
+        return None
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return None
+    return claims if isinstance(claims, dict) else None

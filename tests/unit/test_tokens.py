@@ -1,0 +1,187 @@
+"""TokenBroker: cache, single flight, rotation order, and checking every token it forwards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+import respx
+
+from gateway.errors import (
+    AudienceNotPermitted,
+    IdentityProviderUnavailable,
+    InsufficientScope,
+    RefreshTokenRejected,
+)
+from gateway.oidc import OIDCClient
+from gateway.routing import RouteTable
+from gateway.sessions import MemorySessionStore, Session
+from gateway.settings import Settings
+from gateway.tokens import TokenBroker
+
+from .conftest import API, BILLING, DISCOVERY, access_token, make_settings
+
+pytestmark = pytest.mark.anyio
+TOKEN_URL = DISCOVERY["token_endpoint"]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Harness:
+    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
+        self.clock = Clock()
+        self.store = MemorySessionStore(idle_timeout=3600, clock=self.clock)
+        self.broker = TokenBroker(
+            oidc=OIDCClient(settings, http), store=self.store, settings=settings.tokens, clock=self.clock
+        )
+        self.routes = RouteTable(settings.routes)
+        self.session = Session(
+            id="sess-1", sub="alice", refresh_token="rt-0", created_at=self.clock.now,
+            absolute_expiry=self.clock.now + 86400,
+        )
+
+    async def token(self, name: str) -> str:
+        route = self.routes.by_name(name)
+        assert route is not None
+        return await self.broker.access_token(self.session, route)
+
+
+@pytest.fixture
+async def h(settings: Settings, idp: respx.MockRouter) -> AsyncIterator[Harness]:
+    async with httpx.AsyncClient() as http:
+        harness = Harness(settings, http)
+        await harness.store.save(harness.session)
+        yield harness
+
+
+def _token_answer(request: httpx.Request) -> httpx.Response:
+    form = parse_qs(request.content.decode())
+    audience = form["audience"][0]
+    scope = {API: "read:orders", BILLING: "read:invoices"}[audience]
+    return httpx.Response(200, json={"access_token": access_token(audience, scope=scope), "expires_in": 600, "scope": scope})
+
+
+async def test_broker_caches_token_until_due(h: Harness, idp: respx.MockRouter) -> None:
+    route = idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    first = await h.token("api")
+    assert await h.token("api") == first
+    assert route.call_count == 1
+    h.clock.now += 600 - 60 + 1  # inside the skew: due for refresh
+    await h.token("api")
+    assert route.call_count == 2
+
+
+async def test_broker_single_flight_one_exchange_per_audience(h: Harness, idp: respx.MockRouter) -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.05)
+        return _token_answer(request)
+
+    route = idp.post(TOKEN_URL).mock(side_effect=slow)
+    results = await asyncio.gather(*(h.token("api" if i % 2 else "billing") for i in range(50)))
+    assert len(set(results)) == 2
+    audiences = sorted(parse_qs(c.request.content.decode())["audience"][0] for c in route.calls)
+    assert audiences == [API, BILLING]
+
+
+async def test_broker_saves_rotated_refresh_token_and_uses_it_next(h: Harness, idp: respx.MockRouter) -> None:
+    sent: list[str] = []
+
+    def rotate(request: httpx.Request) -> httpx.Response:
+        form = parse_qs(request.content.decode())
+        sent.append(form["refresh_token"][0])
+        response = _token_answer(request)
+        body = response.json() | {"refresh_token": f"rt-{len(sent)}"}
+        return httpx.Response(200, json=body)
+
+    idp.post(TOKEN_URL).mock(side_effect=rotate)
+    await asyncio.gather(h.token("api"), h.token("billing"), h.token("api"))
+    stored = await h.store.load("sess-1")
+    assert stored is not None
+    assert sent == ["rt-0", "rt-1"]
+    assert stored.refresh_token == "rt-2" and stored.rt_version == 2
+
+
+async def test_broker_refuses_token_for_default_audience(h: Harness, idp: respx.MockRouter) -> None:
+    # Auth0 answers an audience outside the MRRT policy with a token for the default audience.
+    route = idp.post(TOKEN_URL).respond(json={"access_token": access_token(API, scope="read:orders"), "expires_in": 600})
+    with pytest.raises(AudienceNotPermitted):
+        await h.token("billing")
+    with pytest.raises(AudienceNotPermitted):  # remembered for a while: no second exchange
+        await h.token("billing")
+    assert route.call_count == 1
+
+
+async def test_broker_refuses_token_missing_route_scope(h: Harness, idp: respx.MockRouter) -> None:
+    idp.post(TOKEN_URL).respond(
+        json={"access_token": access_token(API, scope="openid"), "expires_in": 600, "scope": "openid profile"}
+    )
+    with pytest.raises(InsufficientScope):
+        await h.token("api")
+
+
+async def test_broker_refuses_opaque_token_by_default(h: Harness, idp: respx.MockRouter) -> None:
+    idp.post(TOKEN_URL).respond(json={"access_token": "opaque-value", "expires_in": 600, "scope": "read:orders"})
+    with pytest.raises(AudienceNotPermitted):
+        await h.token("api")
+
+
+async def test_broker_accepts_opaque_token_when_allowed(idp: respx.MockRouter) -> None:
+    settings = make_settings(tokens={"allow_opaque": True})
+    idp.post(TOKEN_URL).respond(json={"access_token": "opaque-value", "expires_in": 600, "scope": "read:orders"})
+    async with httpx.AsyncClient() as http:
+        h = Harness(settings, http)
+        await h.store.save(h.session)
+        assert await h.token("api") == "opaque-value"
+
+
+async def test_broker_invalid_grant_ends_session(h: Harness, idp: respx.MockRouter) -> None:
+    idp.post(TOKEN_URL).respond(403, json={"error": "invalid_grant"})
+    with pytest.raises(RefreshTokenRejected):
+        await h.token("api")
+    assert await h.store.load("sess-1") is None
+
+
+async def test_broker_serves_cached_token_while_idp_down(h: Harness, idp: respx.MockRouter) -> None:
+    idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    first = await h.token("api")
+    h.clock.now += 600 - 30  # due, not yet expired
+    idp.post(TOKEN_URL).respond(503)
+    assert await h.token("api") == first
+    h.clock.now += 31  # expired now
+    with pytest.raises(IdentityProviderUnavailable):
+        await h.token("api")
+
+
+async def test_broker_short_lived_tokens_are_not_refreshed_every_request(h: Harness, idp: respx.MockRouter) -> None:
+    def short(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"access_token": access_token(API, scope="read:orders", ttl=20), "expires_in": 20})
+
+    route = idp.post(TOKEN_URL).mock(side_effect=short)
+    await h.token("api")
+    h.clock.now += 5
+    await h.token("api")
+    assert route.call_count == 1  # skew (60 s) is clamped to half the 20 s lifetime
+    h.clock.now += 6
+    await h.token("api")
+    assert route.call_count == 2
+
+
+async def test_broker_uses_jwt_exp_when_earlier_than_expires_in(h: Harness, idp: respx.MockRouter) -> None:
+    def lying(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"access_token": access_token(API, scope="read:orders", ttl=100), "expires_in": 86400})
+
+    route = idp.post(TOKEN_URL).mock(side_effect=lying)
+    await h.token("api")
+    h.clock.now += 99
+    await h.token("api")
+    assert route.call_count == 2
