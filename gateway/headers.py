@@ -1,7 +1,8 @@
 """Header policy for forwarded requests and responses. Pure: no IO.
 
 What an upstream sees: the client's headers minus hop-by-hop headers (RFC 9110 §7.6.1), minus
-the gateway's own cookies, any client ``Authorization`` and any client ``X-Forwarded-*`` /
+cookies (all of them unless the route sets ``forward_cookies``, and the gateway's own always), any
+client ``Authorization`` and any client ``X-Forwarded-*`` /
 ``Forwarded`` (spoofable), plus ``Authorization: Bearer`` and our own ``X-Forwarded-*``.
 """
 
@@ -66,10 +67,12 @@ def build_upstream_headers(
     proto: str,
     host: str,
     bearer: str | None,
-    drop: frozenset[bytes] = frozenset(),
+    forward_cookies: bool = False,
 ) -> list[tuple[str, str]]:
     """The request headers an upstream receives (see module docstring)."""
-    remove = _REQUEST_REMOVE | _connection_tokens(headers) | drop
+    remove = _REQUEST_REMOVE | _connection_tokens(headers)
+    if not forward_cookies:
+        remove = remove | {b"cookie"}
     out: list[tuple[str, str]] = []
     for raw_name, raw_value in headers:
         name = raw_name.lower()

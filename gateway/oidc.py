@@ -95,7 +95,8 @@ _REFRESH_ERRORS: dict[str, type[GatewayError]] = {
     "invalid_grant": RefreshTokenRejected,
     "invalid_target": AudienceNotPermitted,
     "access_denied": AudienceNotPermitted,
-    "invalid_scope": InsufficientScope,
+    # DESIGN.md §1: an audience *or scope* the IdP refuses is "not in the MRRT policy".
+    "invalid_scope": AudienceNotPermitted,
     "mfa_required": LoginRequired,
     "interaction_required": LoginRequired,
     "login_required": LoginRequired,

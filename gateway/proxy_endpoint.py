@@ -143,6 +143,7 @@ class ProxyEndpoint:
             proto=gw.public_scheme,
             host=gw.public_host,
             bearer=bearer,
+            forward_cookies=route.settings.forward_cookies,
         )
         body = _RequestBody(receive, limit) if _has_body(method, scope) else None
         try:

@@ -210,6 +210,10 @@ class RouteSettings(_Section):
     auth: Literal["user", "none"] = Field("user", description="user: bearer token; none: public.")
     csrf: bool = Field(True, description="Require the anti-CSRF header on this route.")
     websocket: bool = Field(False, description="Allow WebSocket upgrades.")
+    forward_cookies: bool = Field(
+        False,
+        description="Forward the browser's other cookies (never the gateway's own) upstream.",
+    )
     max_body_bytes: int | None = Field(None, ge=0, description="Override limits.max_body_bytes.")
 
     @field_validator("prefix")

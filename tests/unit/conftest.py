@@ -31,12 +31,23 @@ def jwks() -> dict[str, Any]:
 
 
 def sign(claims: dict[str, Any], *, kid: str = KID, key: Any = None, alg: str = "RS256") -> str:
-    return jwt.encode(claims, key if key is not None else _PRIVATE_KEY, algorithm=alg, headers={"kid": kid})
+    return jwt.encode(
+        claims, key if key is not None else _PRIVATE_KEY, algorithm=alg, headers={"kid": kid}
+    )
 
 
-def access_token(audience: str | list[str], *, scope: str = "", ttl: int = 3600, **extra: Any) -> str:
+def access_token(
+    audience: str | list[str], *, scope: str = "", ttl: int = 3600, **extra: Any
+) -> str:
     now = int(time.time())
-    claims = {"iss": ISSUER, "sub": "auth0|alice", "aud": audience, "iat": now, "exp": now + ttl, "scope": scope}
+    claims = {
+        "iss": ISSUER,
+        "sub": "auth0|alice",
+        "aud": audience,
+        "iat": now,
+        "exp": now + ttl,
+        "scope": scope,
+    }
     claims.update(extra)
     return sign(claims)
 
@@ -79,8 +90,18 @@ def make_settings(**overrides: Any) -> Settings:
             "login_audience": API,
         },
         "routes": [
-            {"prefix": "/api/", "upstream": "http://127.0.0.1:9/", "audience": API, "scopes": ["read:orders"]},
-            {"prefix": "/billing/", "upstream": "http://127.0.0.1:9/", "audience": BILLING, "scopes": ["read:invoices"]},
+            {
+                "prefix": "/api/",
+                "upstream": "http://127.0.0.1:9/",
+                "audience": API,
+                "scopes": ["read:orders"],
+            },
+            {
+                "prefix": "/billing/",
+                "upstream": "http://127.0.0.1:9/",
+                "audience": BILLING,
+                "scopes": ["read:invoices"],
+            },
             {"prefix": "/status/", "upstream": "http://127.0.0.1:9/", "auth": "none"},
         ],
     }

@@ -15,7 +15,6 @@ from gateway.errors import (
     AudienceNotPermitted,
     IdentityProviderError,
     IdentityProviderUnavailable,
-    InsufficientScope,
     LoginFailed,
     LoginRequired,
     RefreshTokenRejected,
@@ -23,7 +22,17 @@ from gateway.errors import (
 from gateway.oidc import OIDCClient, pkce_challenge
 from gateway.settings import Settings
 
-from .conftest import API, BILLING, CLIENT_ID, CLIENT_SECRET, DISCOVERY, ISSUER, id_token, make_settings, sign
+from .conftest import (
+    API,
+    BILLING,
+    CLIENT_ID,
+    CLIENT_SECRET,
+    DISCOVERY,
+    ISSUER,
+    id_token,
+    make_settings,
+    sign,
+)
 
 pytestmark = pytest.mark.anyio
 TOKEN_URL = DISCOVERY["token_endpoint"]
@@ -54,9 +63,13 @@ async def test_authorize_url_auth0_dialect_sends_audience_and_pkce(oidc: OIDCCli
 
 
 async def test_authorize_url_rfc8707_dialect_requests_every_audience(idp: respx.MockRouter) -> None:
-    settings = make_settings(oidc={"dialect": "rfc8707", "login_audience": None, "prompt": "consent"})
+    settings = make_settings(
+        oidc={"dialect": "rfc8707", "login_audience": None, "prompt": "consent"}
+    )
     async with httpx.AsyncClient() as http:
-        url = await OIDCClient(settings, http).authorize_url(state="s", nonce="n", code_challenge="c")
+        url = await OIDCClient(settings, http).authorize_url(
+            state="s", nonce="n", code_challenge="c"
+        )
     query = parse_qs(urlsplit(url).query)
     assert query["resource"] == [API, BILLING]
     assert "audience" not in query
@@ -65,7 +78,9 @@ async def test_authorize_url_rfc8707_dialect_requests_every_audience(idp: respx.
 
 
 async def test_refresh_auth0_dialect_wire_format(oidc: OIDCClient, idp: respx.MockRouter) -> None:
-    route = idp.post(TOKEN_URL).respond(json={"access_token": "at", "expires_in": 86400, "token_type": "Bearer"})
+    route = idp.post(TOKEN_URL).respond(
+        json={"access_token": "at", "expires_in": 86400, "token_type": "Bearer"}
+    )
     answer = await oidc.refresh("rt-1", audience=BILLING, scopes=["read:invoices"])
     assert answer.access_token == "at" and answer.expires_in == 86400
     form = _form(route.calls.last.request)
@@ -80,7 +95,9 @@ async def test_refresh_auth0_dialect_wire_format(oidc: OIDCClient, idp: respx.Mo
 
 
 async def test_refresh_rfc8707_dialect_sends_resource(idp: respx.MockRouter) -> None:
-    settings = make_settings(oidc={"dialect": "rfc8707", "token_endpoint_auth_method": "client_secret_basic"})
+    settings = make_settings(
+        oidc={"dialect": "rfc8707", "token_endpoint_auth_method": "client_secret_basic"}
+    )
     route = idp.post(TOKEN_URL).respond(json={"access_token": "at", "expires_in": 60})
     async with httpx.AsyncClient() as http:
         await OIDCClient(settings, http).refresh("rt", audience=API, scopes=[])
@@ -92,11 +109,23 @@ async def test_refresh_rfc8707_dialect_sends_resource(idp: respx.MockRouter) -> 
 
 
 ERRORS = [
-    (403, {"error": "invalid_grant", "error_description": "Unknown or invalid refresh token."}, RefreshTokenRejected),
-    (400, {"error": "invalid_grant", "error_description": "reused refresh token detected"}, RefreshTokenRejected),
+    (
+        403,
+        {"error": "invalid_grant", "error_description": "Unknown or invalid refresh token."},
+        RefreshTokenRejected,
+    ),
+    (
+        400,
+        {"error": "invalid_grant", "error_description": "reused refresh token detected"},
+        RefreshTokenRejected,
+    ),
     (400, {"error": "invalid_target"}, AudienceNotPermitted),
-    (403, {"error": "access_denied", "error_description": "Service not enabled within domain"}, AudienceNotPermitted),
-    (400, {"error": "invalid_scope"}, InsufficientScope),
+    (
+        403,
+        {"error": "access_denied", "error_description": "Service not enabled within domain"},
+        AudienceNotPermitted,
+    ),
+    (400, {"error": "invalid_scope"}, AudienceNotPermitted),
     (403, {"error": "mfa_required", "mfa_token": "x"}, LoginRequired),
     (401, {"error": "invalid_client"}, IdentityProviderError),
     (400, {"error": "something_new"}, IdentityProviderError),
@@ -138,8 +167,12 @@ async def test_refresh_maps_unusable_answers_to_unavailable(
         assert info.value.headers() == {"Retry-After": "7"}
 
 
-@pytest.mark.parametrize("exc", [httpx.ConnectTimeout("t"), httpx.ReadTimeout("t"), httpx.ConnectError("c")])
-async def test_refresh_maps_transport_errors(oidc: OIDCClient, idp: respx.MockRouter, exc: Exception) -> None:
+@pytest.mark.parametrize(
+    "exc", [httpx.ConnectTimeout("t"), httpx.ReadTimeout("t"), httpx.ConnectError("c")]
+)
+async def test_refresh_maps_transport_errors(
+    oidc: OIDCClient, idp: respx.MockRouter, exc: Exception
+) -> None:
     idp.post(TOKEN_URL).mock(side_effect=exc)
     with pytest.raises(IdentityProviderUnavailable):
         await oidc.refresh("rt", audience=API, scopes=[])
@@ -160,7 +193,9 @@ def test_every_httpx_transport_error_is_an_http_error() -> None:
 
 async def test_discovery_unreachable_is_unavailable(settings: Settings) -> None:
     with respx.mock() as router:
-        router.get(ISSUER + ".well-known/openid-configuration").mock(side_effect=httpx.ConnectError("x"))
+        router.get(ISSUER + ".well-known/openid-configuration").mock(
+            side_effect=httpx.ConnectError("x")
+        )
         async with httpx.AsyncClient() as http:
             with pytest.raises(IdentityProviderUnavailable):
                 await OIDCClient(settings, http).metadata()
@@ -173,13 +208,27 @@ async def test_validate_id_token_accepts_good_token(oidc: OIDCClient) -> None:
 
 def _hs256_with_client_secret() -> str:
     now = int(time.time())
-    claims = {"iss": ISSUER, "sub": "x", "aud": CLIENT_ID, "iat": now, "exp": now + 60, "nonce": "n1"}
+    claims = {
+        "iss": ISSUER,
+        "sub": "x",
+        "aud": CLIENT_ID,
+        "iat": now,
+        "exp": now + 60,
+        "nonce": "n1",
+    }
     return jwt.encode(claims, CLIENT_SECRET, algorithm="HS256", headers={"kid": "key-1"})
 
 
 def _alg_none() -> str:
     now = int(time.time())
-    claims = {"iss": ISSUER, "sub": "x", "aud": CLIENT_ID, "iat": now, "exp": now + 60, "nonce": "n1"}
+    claims = {
+        "iss": ISSUER,
+        "sub": "x",
+        "aud": CLIENT_ID,
+        "iat": now,
+        "exp": now + 60,
+        "nonce": "n1",
+    }
     return jwt.encode(claims, None, algorithm="none")
 
 
@@ -188,7 +237,14 @@ def _other_key() -> str:
 
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     now = int(time.time())
-    claims = {"iss": ISSUER, "sub": "x", "aud": CLIENT_ID, "iat": now, "exp": now + 60, "nonce": "n1"}
+    claims = {
+        "iss": ISSUER,
+        "sub": "x",
+        "aud": CLIENT_ID,
+        "iat": now,
+        "exp": now + 60,
+        "nonce": "n1",
+    }
     return sign(claims, key=other)
 
 
@@ -196,7 +252,9 @@ BAD_ID_TOKENS = {
     "wrong_nonce": lambda: id_token(nonce="other"),
     "wrong_aud": lambda: id_token(nonce="n1", aud="someone-else"),
     "wrong_iss": lambda: id_token(nonce="n1", iss="https://evil.example/"),
-    "expired": lambda: id_token(nonce="n1", exp=int(time.time()) - 3600, iat=int(time.time()) - 7200),
+    "expired": lambda: id_token(
+        nonce="n1", exp=int(time.time()) - 3600, iat=int(time.time()) - 7200
+    ),
     "no_sub": lambda: id_token(nonce="n1", sub=None),
     "multi_aud_no_azp": lambda: id_token(nonce="n1", aud=[CLIENT_ID, "other"]),
     "bad_signature": _other_key,
@@ -214,14 +272,18 @@ async def test_validate_id_token_refuses(oidc: OIDCClient, name: str) -> None:
 
 
 async def test_end_session_url_uses_discovery(oidc: OIDCClient) -> None:
-    url = await oidc.end_session_url(id_token_hint="idt", post_logout_redirect_uri="https://app.example.com/")
+    url = await oidc.end_session_url(
+        id_token_hint="idt", post_logout_redirect_uri="https://app.example.com/"
+    )
     assert url is not None
     query = parse_qs(urlsplit(url).query)
     assert url.startswith(DISCOVERY["end_session_endpoint"])
     assert query["id_token_hint"] == ["idt"] and query["client_id"] == [CLIENT_ID]
 
 
-async def test_revoke_posts_token_and_reports_result(oidc: OIDCClient, idp: respx.MockRouter) -> None:
+async def test_revoke_posts_token_and_reports_result(
+    oidc: OIDCClient, idp: respx.MockRouter
+) -> None:
     route = idp.post(DISCOVERY["revocation_endpoint"]).respond(200)
     assert await oidc.revoke("rt-9") is True
     assert _form(route.calls.last.request)["token"] == ["rt-9"]

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gateway.sessions import CachedToken, MemorySessionStore, Session, SessionStore
+from tests.unit.test_redis_store import redis_store
 
 IDLE = 60.0
 
@@ -28,11 +29,20 @@ async def _memory(clock: FakeClock) -> AsyncIterator[SessionStore]:
     yield MemorySessionStore(idle_timeout=IDLE, clock=clock)
 
 
-STORE_FACTORIES: dict[str, StoreFactory] = {"memory": _memory}
+async def _redis(clock: FakeClock) -> AsyncIterator[SessionStore]:
+    # A fresh key prefix per test, deleted afterwards; Redis keeps real time, the store's
+    # read-side checks follow the fake clock.
+    async with redis_store(idle_timeout=IDLE, clock=clock) as store:
+        yield store
+
+
+STORE_FACTORIES: dict[str, StoreFactory] = {"memory": _memory, "redis": _redis}
 
 
 @pytest.fixture(params=sorted(STORE_FACTORIES))
-async def store_and_clock(request: pytest.FixtureRequest) -> AsyncIterator[tuple[SessionStore, FakeClock]]:
+async def store_and_clock(
+    request: pytest.FixtureRequest,
+) -> AsyncIterator[tuple[SessionStore, FakeClock]]:
     clock = FakeClock()
     gen = STORE_FACTORIES[request.param](clock)
     store = await gen.__anext__()
@@ -59,7 +69,9 @@ def make_session(clock: FakeClock, sid: str = "s1", sub: str = "alice", **kw: ob
 pytestmark = pytest.mark.anyio
 
 
-async def test_store_save_then_load_roundtrips(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+async def test_store_save_then_load_roundtrips(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
     store, clock = store_and_clock
     session = make_session(clock)
     await store.save(session)
@@ -70,7 +82,9 @@ async def test_store_save_then_load_roundtrips(store_and_clock: tuple[SessionSto
     assert await store.load("missing") is None
 
 
-async def test_store_load_after_idle_timeout_returns_none(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+async def test_store_load_after_idle_timeout_returns_none(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
     store, clock = store_and_clock
     session = make_session(clock)
     await store.save(session)
@@ -78,7 +92,9 @@ async def test_store_load_after_idle_timeout_returns_none(store_and_clock: tuple
     assert await store.load(session.id) is None
 
 
-async def test_store_touch_slides_idle_expiry(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+async def test_store_touch_slides_idle_expiry(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
     store, clock = store_and_clock
     session = make_session(clock)
     await store.save(session)
@@ -88,7 +104,9 @@ async def test_store_touch_slides_idle_expiry(store_and_clock: tuple[SessionStor
     assert await store.load(session.id) is not None
 
 
-async def test_store_absolute_expiry_wins_over_touch(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+async def test_store_absolute_expiry_wins_over_touch(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
     store, clock = store_and_clock
     session = make_session(clock)
     session.absolute_expiry = clock.now + 30
@@ -99,7 +117,9 @@ async def test_store_absolute_expiry_wins_over_touch(store_and_clock: tuple[Sess
     assert await store.load(session.id) is None
 
 
-async def test_store_delete_removes_session_and_tokens(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+async def test_store_delete_removes_session_and_tokens(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
     store, clock = store_and_clock
     session = make_session(clock)
     await store.save(session)
@@ -128,7 +148,9 @@ async def test_store_find_by_sid_and_sub(store_and_clock: tuple[SessionStore, Fa
     assert await store.find(sid="s1") == []
 
 
-async def test_store_expired_token_not_returned(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+async def test_store_expired_token_not_returned(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
     store, clock = store_and_clock
     session = make_session(clock)
     await store.save(session)
@@ -137,7 +159,9 @@ async def test_store_expired_token_not_returned(store_and_clock: tuple[SessionSt
     assert await store.get_token(session.id, "k") is None
 
 
-async def test_store_pop_login_is_single_use(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+async def test_store_pop_login_is_single_use(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
     store, clock = store_and_clock
     await store.put_login("state1", {"nonce": "n", "verifier": "v"}, ttl=60)
     assert await store.pop_login("state1") == {"nonce": "n", "verifier": "v"}
@@ -147,7 +171,9 @@ async def test_store_pop_login_is_single_use(store_and_clock: tuple[SessionStore
     assert await store.pop_login("state2") is None
 
 
-async def test_store_refresh_lock_serialises_holders(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+async def test_store_refresh_lock_serialises_holders(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
     store, _ = store_and_clock
     inside = 0
     peak = 0
@@ -164,7 +190,9 @@ async def test_store_refresh_lock_serialises_holders(store_and_clock: tuple[Sess
     assert peak == 1
 
 
-async def test_store_refresh_lock_is_per_session(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
+async def test_store_refresh_lock_is_per_session(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
     store, _ = store_and_clock
     async with store.refresh_lock("a"):
         # A different session's lock is free while "a" is held.

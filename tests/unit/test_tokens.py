@@ -42,11 +42,17 @@ class Harness:
         self.clock = Clock()
         self.store = MemorySessionStore(idle_timeout=3600, clock=self.clock)
         self.broker = TokenBroker(
-            oidc=OIDCClient(settings, http), store=self.store, settings=settings.tokens, clock=self.clock
+            oidc=OIDCClient(settings, http),
+            store=self.store,
+            settings=settings.tokens,
+            clock=self.clock,
         )
         self.routes = RouteTable(settings.routes)
         self.session = Session(
-            id="sess-1", sub="alice", refresh_token="rt-0", created_at=self.clock.now,
+            id="sess-1",
+            sub="alice",
+            refresh_token="rt-0",
+            created_at=self.clock.now,
             absolute_expiry=self.clock.now + 86400,
         )
 
@@ -68,7 +74,14 @@ def _token_answer(request: httpx.Request) -> httpx.Response:
     form = parse_qs(request.content.decode())
     audience = form["audience"][0]
     scope = {API: "read:orders", BILLING: "read:invoices"}[audience]
-    return httpx.Response(200, json={"access_token": access_token(audience, scope=scope), "expires_in": 600, "scope": scope})
+    return httpx.Response(
+        200,
+        json={
+            "access_token": access_token(audience, scope=scope),
+            "expires_in": 600,
+            "scope": scope,
+        },
+    )
 
 
 async def test_broker_caches_token_until_due(h: Harness, idp: respx.MockRouter) -> None:
@@ -81,7 +94,9 @@ async def test_broker_caches_token_until_due(h: Harness, idp: respx.MockRouter) 
     assert route.call_count == 2
 
 
-async def test_broker_single_flight_one_exchange_per_audience(h: Harness, idp: respx.MockRouter) -> None:
+async def test_broker_single_flight_one_exchange_per_audience(
+    h: Harness, idp: respx.MockRouter
+) -> None:
     async def slow(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(0.05)
         return _token_answer(request)
@@ -93,7 +108,9 @@ async def test_broker_single_flight_one_exchange_per_audience(h: Harness, idp: r
     assert audiences == [API, BILLING]
 
 
-async def test_broker_saves_rotated_refresh_token_and_uses_it_next(h: Harness, idp: respx.MockRouter) -> None:
+async def test_broker_saves_rotated_refresh_token_and_uses_it_next(
+    h: Harness, idp: respx.MockRouter
+) -> None:
     sent: list[str] = []
 
     def rotate(request: httpx.Request) -> httpx.Response:
@@ -113,7 +130,9 @@ async def test_broker_saves_rotated_refresh_token_and_uses_it_next(h: Harness, i
 
 async def test_broker_refuses_token_for_default_audience(h: Harness, idp: respx.MockRouter) -> None:
     # Auth0 answers an audience outside the MRRT policy with a token for the default audience.
-    route = idp.post(TOKEN_URL).respond(json={"access_token": access_token(API, scope="read:orders"), "expires_in": 600})
+    route = idp.post(TOKEN_URL).respond(
+        json={"access_token": access_token(API, scope="read:orders"), "expires_in": 600}
+    )
     with pytest.raises(AudienceNotPermitted):
         await h.token("billing")
     with pytest.raises(AudienceNotPermitted):  # remembered for a while: no second exchange
@@ -123,21 +142,29 @@ async def test_broker_refuses_token_for_default_audience(h: Harness, idp: respx.
 
 async def test_broker_refuses_token_missing_route_scope(h: Harness, idp: respx.MockRouter) -> None:
     idp.post(TOKEN_URL).respond(
-        json={"access_token": access_token(API, scope="openid"), "expires_in": 600, "scope": "openid profile"}
+        json={
+            "access_token": access_token(API, scope="openid"),
+            "expires_in": 600,
+            "scope": "openid profile",
+        }
     )
     with pytest.raises(InsufficientScope):
         await h.token("api")
 
 
 async def test_broker_refuses_opaque_token_by_default(h: Harness, idp: respx.MockRouter) -> None:
-    idp.post(TOKEN_URL).respond(json={"access_token": "opaque-value", "expires_in": 600, "scope": "read:orders"})
+    idp.post(TOKEN_URL).respond(
+        json={"access_token": "opaque-value", "expires_in": 600, "scope": "read:orders"}
+    )
     with pytest.raises(AudienceNotPermitted):
         await h.token("api")
 
 
 async def test_broker_accepts_opaque_token_when_allowed(idp: respx.MockRouter) -> None:
     settings = make_settings(tokens={"allow_opaque": True})
-    idp.post(TOKEN_URL).respond(json={"access_token": "opaque-value", "expires_in": 600, "scope": "read:orders"})
+    idp.post(TOKEN_URL).respond(
+        json={"access_token": "opaque-value", "expires_in": 600, "scope": "read:orders"}
+    )
     async with httpx.AsyncClient() as http:
         h = Harness(settings, http)
         await h.store.save(h.session)
@@ -162,9 +189,14 @@ async def test_broker_serves_cached_token_while_idp_down(h: Harness, idp: respx.
         await h.token("api")
 
 
-async def test_broker_short_lived_tokens_are_not_refreshed_every_request(h: Harness, idp: respx.MockRouter) -> None:
+async def test_broker_short_lived_tokens_are_not_refreshed_every_request(
+    h: Harness, idp: respx.MockRouter
+) -> None:
     def short(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"access_token": access_token(API, scope="read:orders", ttl=20), "expires_in": 20})
+        return httpx.Response(
+            200,
+            json={"access_token": access_token(API, scope="read:orders", ttl=20), "expires_in": 20},
+        )
 
     route = idp.post(TOKEN_URL).mock(side_effect=short)
     await h.token("api")
@@ -176,9 +208,17 @@ async def test_broker_short_lived_tokens_are_not_refreshed_every_request(h: Harn
     assert route.call_count == 2
 
 
-async def test_broker_uses_jwt_exp_when_earlier_than_expires_in(h: Harness, idp: respx.MockRouter) -> None:
+async def test_broker_uses_jwt_exp_when_earlier_than_expires_in(
+    h: Harness, idp: respx.MockRouter
+) -> None:
     def lying(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"access_token": access_token(API, scope="read:orders", ttl=100), "expires_in": 86400})
+        return httpx.Response(
+            200,
+            json={
+                "access_token": access_token(API, scope="read:orders", ttl=100),
+                "expires_in": 86400,
+            },
+        )
 
     route = idp.post(TOKEN_URL).mock(side_effect=lying)
     await h.token("api")

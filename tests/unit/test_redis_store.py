@@ -1,0 +1,593 @@
+"""RedisSessionStore beyond the shared contract: what lands in Redis, TTLs, locks, outages.
+
+Needs a Redis at ``GATEWAY_TEST_REDIS_URL`` (default redis://127.0.0.1:6379/15); every test
+works under its own key prefix and deletes its keys afterwards. The pause test starts its own
+``redis-server`` on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.crypto import SessionCipher
+from gateway.errors import ConfigError, SessionStoreUnavailable
+from gateway.sessions import CachedToken, Session
+from gateway.sessions.redis import RedisSessionStore
+from gateway.settings import Settings
+
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+OLD_KEY = "old-secret-0123456789abcdefghijklmnopqrstuvwxyz"
+NEW_KEY = "new-secret-0123456789abcdefghijklmnopqrstuvwxyz"
+IDLE = 60.0
+OIDC = {"issuer": "https://idp.example/", "client_id": "c", "client_secret": "s"}
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def redis_store(
+    *,
+    url: str = REDIS_URL,
+    prefix: str | None = None,
+    keys: list[str] | None = None,
+    idle_timeout: float = IDLE,
+    clock: Callable[[], float] = time.time,
+    timeout: float = 2.0,
+    lock_timeout: float = 15.0,
+) -> AsyncIterator[RedisSessionStore]:
+    """A store under a fresh key prefix, whose keys are deleted on exit; or under ``prefix``,
+    another instance of the same gateway (the owner of the prefix cleans up)."""
+    owner = prefix is None
+    prefix = prefix if prefix is not None else f"gwtest:{uuid4().hex}:"
+    store = RedisSessionStore(
+        url=url,
+        key_prefix=prefix,
+        idle_timeout=idle_timeout,
+        cipher=SessionCipher(keys or [NEW_KEY]),
+        clock=clock,
+        timeout=timeout,
+        lock_timeout=lock_timeout,
+    )
+    try:
+        yield store
+    finally:
+        await store.close()
+        if owner:
+            await _delete_prefix(url, prefix)
+
+
+async def _delete_prefix(url: str, prefix: str) -> None:
+    client = Redis.from_url(url, socket_timeout=5)
+    try:
+        stale = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
+        if stale:
+            await client.delete(*stale)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Redis]:
+    client = Redis.from_url(REDIS_URL, socket_timeout=5)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[RedisSessionStore]:
+    async with redis_store() as created:
+        yield created
+
+
+def make_session(**overrides: Any) -> Session:
+    now = time.time()
+    fields: dict[str, Any] = {
+        "id": uuid4().hex,
+        "sub": "auth0|alice-0f3c9e",
+        "sid": "idp-session-77aa",
+        "refresh_token": "v1.RT-very-secret-refresh-token",
+        "id_token": "eyJ.id-token-payload.sig",
+        "created_at": now,
+        "absolute_expiry": now + 3600,
+        "claims": {"email": "alice@example.com"},
+    }
+    fields.update(overrides)
+    return Session(**fields)
+
+
+def prefix_of(store: RedisSessionStore) -> str:
+    return store._prefix
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def as_bytes(value: bytes | str | None) -> bytes:
+    assert value is not None
+    return value.encode() if isinstance(value, str) else value
+
+
+async def dump(raw: Redis, prefix: str) -> dict[bytes, list[bytes]]:
+    """Every key under ``prefix`` with every byte string it holds (field names included)."""
+    out: dict[bytes, list[bytes]] = {}
+    async for key in raw.scan_iter(match=f"{prefix}*"):
+        kind = as_bytes(await raw.type(key))
+        if kind == b"string":
+            out[key] = [as_bytes(await raw.get(key))]
+        elif kind == b"hash":
+            items = (await raw.hgetall(key)).items()
+            out[key] = [as_bytes(b) for pair in items for b in pair]
+        elif kind == b"set":
+            out[key] = [as_bytes(m) for m in await raw.smembers(key)]
+        else:  # pragma: no cover - the store writes no other type
+            raise AssertionError(f"unexpected {kind!r} at {key!r}")
+    return out
+
+
+# What lands in Redis
+
+
+async def test_redis_store_values_hold_only_ciphertext(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    session = make_session()
+    await store.save(session)
+    await store.put_token(session.id, "https://api read", CachedToken("AT-secret-jwt", 2e9, "x"))
+    await store.put_login("state-1", {"verifier": "pkce-verifier-secret"}, ttl=60)
+    await store.touch(session)
+    contents = await dump(raw, prefix_of(store))
+    kinds = {key.decode().removeprefix(prefix_of(store)).split(":")[0] for key in contents}
+    assert kinds == {"sess", "tok", "login", "idx"}
+    secrets = [
+        b"RT-very-secret",
+        b"alice",
+        b"idp-session-77aa",
+        b"id-token-payload",
+        b"AT-secret-jwt",
+        b"pkce-verifier",
+        b"https://api",
+    ]
+    for key, values in contents.items():
+        for secret in secrets:
+            assert secret not in key
+            assert all(secret not in value for value in values), (key, secret)
+    sess = await raw.hgetall(f"{prefix_of(store)}sess:{session.id}".encode())
+    assert set(sess) == {b"d", b"exp", b"rtv", b"seen"}
+    assert sess[b"d"][0] == 1  # version byte of the SessionCipher format
+
+
+async def test_redis_store_blob_moved_to_another_key_does_not_load(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    victim, other = make_session(), make_session()
+    await store.save(victim)
+    await store.save(other)
+    prefix = prefix_of(store)
+    blob = await raw.hget(f"{prefix}sess:{victim.id}", "d")
+    await raw.hset(f"{prefix}sess:{other.id}", "d", blob)
+    assert await store.load(other.id) is None
+    assert await store.load(victim.id) is not None
+
+
+async def test_redis_store_undecryptable_session_is_no_session_and_logs_no_data(
+    store: RedisSessionStore, raw: Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    session = make_session()
+    await store.save(session)
+    await raw.hset(f"{prefix_of(store)}sess:{session.id}", "d", b"\x01garbage" * 8)
+    with caplog.at_level(logging.WARNING, logger="gateway.sessions.redis"):
+        assert await store.load(session.id) is None
+    assert "undecryptable" in caplog.text
+    assert session.id not in caplog.text and "alice" not in caplog.text
+
+
+# TTLs
+
+
+async def test_redis_store_ttls_follow_idle_timeout_and_touch_slides_them(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    session = make_session()
+    await store.save(session)
+    await store.put_token(session.id, "k", CachedToken("at", time.time() + 300, "aud"))
+    prefix = prefix_of(store)
+    keys = [
+        f"{prefix}sess:{session.id}",
+        f"{prefix}tok:{session.id}",
+        *[k.decode() async for k in raw.scan_iter(match=f"{prefix}idx:*")],
+    ]
+    assert len(keys) == 4
+    for key in keys:
+        assert IDLE * 1000 - 2000 < await raw.pttl(key) <= IDLE * 1000
+    # Pretend 50 s went by, then touch: every key is back to the full idle timeout.
+    for key in keys:
+        await raw.pexpire(key, 10_000)
+    await store.touch(session)
+    for key in keys:
+        assert IDLE * 1000 - 2000 < await raw.pttl(key) <= IDLE * 1000
+    assert await store.load(session.id) is not None
+
+
+async def test_redis_store_ttl_capped_by_absolute_expiry(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    session = make_session(absolute_expiry=time.time() + 30)
+    await store.save(session)
+    key = f"{prefix_of(store)}sess:{session.id}"
+    assert 28_000 < await raw.pttl(key) <= 30_000
+    await store.touch(session)
+    assert 28_000 < await raw.pttl(key) <= 30_000
+
+
+async def test_redis_store_touch_does_not_revive_a_deleted_session(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    session = make_session()
+    await store.save(session)
+    await store.delete(session.id)
+    await store.touch(session)
+    assert await dump(raw, prefix_of(store)) == {}
+
+
+async def test_redis_store_login_expires_with_its_ttl(store: RedisSessionStore, raw: Redis) -> None:
+    await store.put_login("state-ttl", {"v": "1"}, ttl=5)
+    assert 4000 < await raw.pttl(f"{prefix_of(store)}login:state-ttl") <= 5000
+
+
+# Deletion and indexes
+
+
+async def test_redis_store_delete_removes_every_key_of_the_session(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    session = make_session()
+    await store.save(session)
+    await store.put_token(session.id, "k", CachedToken("at", time.time() + 300, "aud"))
+    deleted = await store.delete(session.id)
+    assert deleted is not None and deleted.refresh_token == session.refresh_token
+    contents = await dump(raw, prefix_of(store))
+    assert contents == {}  # sets emptied by SREM vanish too
+
+
+async def test_redis_store_find_drops_members_whose_session_expired(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    alive, expired = make_session(), make_session()
+    await store.save(alive)
+    await store.save(expired)
+    await raw.delete(f"{prefix_of(store)}sess:{expired.id}")  # what its TTL would do
+    assert await store.find(sub=alive.sub) == [alive.id]
+    index = [k async for k in raw.scan_iter(match=f"{prefix_of(store)}idx:sub:*")]
+    assert await raw.smembers(index[0]) == {alive.id.encode()}
+
+
+async def test_redis_store_save_prunes_index_members_whose_session_expired(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    expired, fresh = make_session(), make_session()
+    await store.save(expired)
+    await raw.delete(f"{prefix_of(store)}sess:{expired.id}")  # what its TTL would do
+    await store.save(fresh)  # e.g. the next login of the same user
+    for index in [k async for k in raw.scan_iter(match=f"{prefix_of(store)}idx:*")]:
+        assert await raw.smembers(index) == {fresh.id.encode()}
+
+
+async def test_redis_store_stale_refresh_token_write_is_refused(store: RedisSessionStore) -> None:
+    session = make_session()
+    await store.save(session)
+    rotated = replace(session, refresh_token="rt-2", rt_version=1)
+    await store.save(rotated)
+    with pytest.raises(SessionStoreUnavailable, match="stale write"):
+        await store.save(replace(session, claims={"late": True}))
+    loaded = await store.load(session.id)
+    assert loaded is not None and loaded.refresh_token == "rt-2"
+
+
+async def test_redis_store_pending_login_is_single_use_across_instances() -> None:
+    async with redis_store() as first:
+        async with redis_store(prefix=prefix_of(first)) as second:
+            await first.put_login("state-x", {"verifier": "v"}, ttl=60)
+            assert await second.pop_login("state-x") == {"verifier": "v"}
+            assert await first.pop_login("state-x") is None
+
+
+# Key rotation
+
+
+async def test_redis_store_reads_old_key_after_rotation_and_writes_new_key() -> None:
+    session = make_session()
+    async with redis_store(keys=[OLD_KEY]) as old:
+        prefix = prefix_of(old)
+        await old.save(session)
+        async with redis_store(prefix=prefix, keys=[NEW_KEY, OLD_KEY]) as rotated:
+            loaded = await rotated.load(session.id)
+            assert loaded is not None and loaded.refresh_token == session.refresh_token
+            await rotated.save(loaded)
+        async with redis_store(prefix=prefix, keys=[NEW_KEY]) as new_only:
+            assert await new_only.load(session.id) is not None
+        # The old-only instance cannot read what the new key wrote: no session, no crash.
+        assert await old.load(session.id) is None
+
+
+# The refresh lock
+
+
+async def test_redis_store_refresh_lock_serialises_two_instances() -> None:
+    inside = peak = entries = 0
+
+    async def hold(store: RedisSessionStore) -> None:
+        nonlocal inside, peak, entries
+        async with store.refresh_lock("shared"):
+            inside += 1
+            entries += 1
+            peak = max(peak, inside)
+            await asyncio.sleep(0.02)
+            inside -= 1
+
+    async with redis_store() as first, redis_store(prefix=prefix_of(first)) as second:
+        await asyncio.gather(*(hold(s) for s in (first, second) for _ in range(5)))
+    assert peak == 1
+    assert entries == 10
+
+
+async def test_redis_store_refresh_lock_waits_only_for_a_crashed_holders_lease(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    await raw.set(f"{prefix_of(store)}lock:s", "crashed-holder", px=400)
+    started = time.monotonic()
+    async with store.refresh_lock("s"):
+        waited = time.monotonic() - started
+    assert 0.3 < waited < 1.5
+
+
+async def test_redis_store_refresh_lock_gives_up_after_the_wait_bound(raw: Redis) -> None:
+    async with redis_store(lock_timeout=0.2) as store:
+        await raw.set(f"{prefix_of(store)}lock:s", "live-holder", px=10_000)
+        started = time.monotonic()
+        with pytest.raises(SessionStoreUnavailable, match="refresh lock"):
+            async with store.refresh_lock("s"):
+                pytest.fail("entered a lock held by someone else")
+        assert 1.0 < time.monotonic() - started < 2.5
+
+
+async def test_redis_store_refresh_lock_renews_its_lease_while_held(raw: Redis) -> None:
+    order: list[str] = []
+    session = make_session()
+    async with (
+        redis_store(lock_timeout=0.3) as first,
+        redis_store(prefix=prefix_of(first), lock_timeout=0.3) as second,
+    ):
+        await first.save(session)
+
+        async def slow_holder() -> None:
+            async with first.refresh_lock(session.id):
+                order.append("first in")
+                await asyncio.sleep(1.0)  # a slow IdP: three lease lengths
+                await first.save(replace(session, refresh_token="rt-2", rt_version=1))
+                order.append("first out")
+
+        async def contender() -> None:
+            await asyncio.sleep(0.1)
+            async with second.refresh_lock(session.id):
+                order.append("second in")
+
+        await asyncio.gather(slow_holder(), contender())
+        loaded = await second.load(session.id)
+    assert order == ["first in", "first out", "second in"]
+    assert loaded is not None and loaded.refresh_token == "rt-2"
+
+
+@pytest.mark.parametrize("intruder", [None, "another-holder"], ids=["deleted", "replaced"])
+async def test_redis_store_save_refused_when_the_lock_was_lost(
+    store: RedisSessionStore, raw: Redis, intruder: str | None
+) -> None:
+    session = make_session()
+    await store.save(session)
+    lock_key = f"{prefix_of(store)}lock:{session.id}"
+    async with store.refresh_lock(session.id):
+        if intruder is None:
+            await raw.delete(lock_key)
+        else:
+            await raw.set(lock_key, intruder, px=10_000)
+        with pytest.raises(SessionStoreUnavailable, match="lock lost"):
+            await store.save(replace(session, refresh_token="rt-stale", rt_version=1))
+    # The stored refresh token is untouched, and someone else's lock is not released by us.
+    loaded = await store.load(session.id)
+    assert loaded is not None and loaded.refresh_token == session.refresh_token
+    assert await raw.get(lock_key) == (intruder.encode() if intruder else None)
+
+
+async def test_redis_store_lock_released_on_exit_and_saves_unfenced_after(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    session = make_session()
+    lock_key = f"{prefix_of(store)}lock:{session.id}"
+    async with store.refresh_lock(session.id):
+        assert await raw.get(lock_key) is not None
+        await store.save(session)
+    assert await raw.get(lock_key) is None
+    await store.save(replace(session, rt_version=1))
+
+
+async def test_redis_store_delete_during_refresh_prevents_resurrection(
+    store: RedisSessionStore,
+) -> None:
+    session = make_session()
+    await store.save(session)
+    async with store.refresh_lock(session.id):
+        await store.delete(session.id)  # logout while an exchange is in flight
+        with pytest.raises(SessionStoreUnavailable):
+            await store.save(replace(session, refresh_token="rt-2", rt_version=1))
+    assert await store.load(session.id) is None
+
+
+# Outages
+
+
+STORE_CALLS: dict[str, Callable[[RedisSessionStore], Awaitable[object]]] = {
+    "ping": lambda s: s.ping(),
+    "load": lambda s: s.load("x"),
+    "save": lambda s: s.save(make_session()),
+    "touch": lambda s: s.touch(make_session()),
+    "delete": lambda s: s.delete("x"),
+    "find": lambda s: s.find(sub="alice"),
+    "get_token": lambda s: s.get_token("x", "k"),
+    "put_token": lambda s: s.put_token("x", "k", CachedToken("at", 2e9, "aud")),
+    "put_login": lambda s: s.put_login("state", {}, ttl=60),
+    "pop_login": lambda s: s.pop_login("state"),
+    "refresh_lock": lambda s: _enter_lock(s),
+}
+
+
+async def _enter_lock(store: RedisSessionStore) -> None:
+    async with store.refresh_lock("x"):
+        pass
+
+
+@pytest.mark.parametrize("call", sorted(STORE_CALLS))
+async def test_redis_store_unreachable_raises_unavailable_quickly(call: str) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    async with redis_store(url=dead, prefix="gwtest:nothing-written:", timeout=0.5) as store:
+        started = time.monotonic()
+        with pytest.raises(SessionStoreUnavailable) as info:
+            await STORE_CALLS[call](store)
+        assert time.monotonic() - started < 1.0
+    assert info.value.status_code == 503 and info.value.retry_after >= 1
+    assert "session store unavailable" in info.value.message
+
+
+async def test_redis_store_silent_server_times_out_instead_of_hanging() -> None:
+    # Accepts TCP connections (kernel backlog) and never answers: a hung Redis.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        url = f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+        store = RedisSessionStore(
+            url=url,
+            key_prefix="gwtest:",
+            idle_timeout=IDLE,
+            cipher=SessionCipher([NEW_KEY]),
+            timeout=0.3,
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(SessionStoreUnavailable):
+                await store.load("x")
+            assert time.monotonic() - started < 1.5
+        finally:
+            await store.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[str]:
+    """A throwaway redis-server on a free port, for tests that pause or stop it."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            executable,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def test_redis_store_paused_redis_fails_fast_then_recovers(own_redis: str) -> None:
+    session = make_session()
+    async with redis_store(url=own_redis, timeout=0.5) as store:
+        await store.save(session)
+        admin = Redis.from_url(own_redis)
+        try:
+            await admin.client_pause(1500, all=True)
+            paused_at = time.monotonic()
+            with pytest.raises(SessionStoreUnavailable):
+                await store.load(session.id)
+            assert time.monotonic() - paused_at < 1.2
+            await asyncio.sleep(max(0.0, paused_at + 1.7 - time.monotonic()))
+            loaded = await store.load(session.id)
+            assert loaded is not None and loaded.refresh_token == session.refresh_token
+            await store.ping()
+        finally:
+            await admin.aclose()
+
+
+# Construction
+
+
+async def test_redis_store_from_settings_uses_the_session_section() -> None:
+    settings = Settings.model_validate(
+        {
+            "oidc": OIDC,
+            "session": {
+                "store": "redis",
+                "redis_url": REDIS_URL,
+                "redis_key_prefix": "gwtest:settings:",
+                "redis_timeout": "750ms",
+                "idle_timeout": "2h",
+                "secret_key": NEW_KEY,
+            },
+        }
+    )
+    store = RedisSessionStore.from_settings(settings)
+    try:
+        assert store.idle_timeout == 7200
+        assert store._prefix == "gwtest:settings:"
+        assert NEW_KEY not in repr(store)
+    finally:
+        await store.close()
+
+
+def test_redis_store_from_settings_without_keys_is_a_config_error() -> None:
+    settings = Settings.model_validate({"oidc": OIDC})
+    with pytest.raises(ConfigError, match=r"session\.secret_key"):
+        RedisSessionStore.from_settings(settings)
