@@ -23,7 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
 
@@ -133,7 +133,8 @@ class SessionSettings(_Section):
     absolute_timeout: Duration = Field(
         7 * 86400.0, gt=0, description="Session ends this long after login, whatever happens."
     )
-    secret_key: list[SecretStr] = Field(
+    # NoDecode: the env var is a comma-separated list, not JSON.
+    secret_key: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
         description="GATEWAY_SESSION__SECRET_KEY: signs cookies and encrypts sessions at rest; "
         "a comma-separated list rotates keys (first one writes).",
