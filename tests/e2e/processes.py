@@ -1,0 +1,166 @@
+"""Gateway and Redis as real OS processes, for the scale-out and fault tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+from .servers import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_TIMEOUT = 20.0
+
+
+class GatewayProcess:
+    """``python -m gateway run`` on 127.0.0.1:<port> with a generated config file."""
+
+    def __init__(self, config: dict[str, Any], *, port: int, env: dict[str, str]) -> None:
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self._dir = tempfile.mkdtemp(prefix="gw-proc-")
+        self.config_path = Path(self._dir) / "gateway.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = Path(self._dir) / "gateway.log"
+        self._log = self.log_path.open("wb")
+        self._proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "run",
+                "--config",
+                str(self.config_path),
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                break
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"gateway on {self.base_url} did not start:\n{self.logs()}")
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout=5)
+        self._log.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class RedisProcess:
+    """A private redis-server on an ephemeral port, without persistence (as in production tests
+    of a Redis restart: the data is lost and the gateway must say login_required, not 500)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._start()
+
+    def _start(self) -> None:
+        self._proc = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.cli("PING") == "PONG":
+                return
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(
+            ["redis-cli", "-p", str(self.port), *args],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+        return result.stdout.strip()
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open, nothing answers."""
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Kill and start again on the same port: every key is gone."""
+        self._proc.kill()
+        self._proc.wait(timeout=5)
+        self._start()
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._proc.send_signal(signal.SIGCONT)
+        self._proc.kill()
+        self._proc.wait(timeout=5)
+
+
+@contextlib.contextmanager
+def redis_process() -> Iterator[RedisProcess]:
+    server = RedisProcess()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def gateway_processes(
+    configs: list[dict[str, Any]], ports: list[int], env: dict[str, str]
+) -> Iterator[list[GatewayProcess]]:
+    started: list[GatewayProcess] = []
+    try:
+        for config, port in zip(configs, ports, strict=True):
+            started.append(GatewayProcess(config, port=port, env=env))
+        yield started
+    finally:
+        for process in reversed(started):
+            process.stop()

@@ -1,0 +1,194 @@
+"""Two gateway processes sharing sessions, tokens and the refresh lock through one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from .conftest import IdpFactory
+from .gateway_harness import CSRF, start_upstreams
+from .login import browser_login
+from .processes import GatewayProcess, RedisProcess, gateway_processes, redis_process
+from .servers import API, BILLING, CLIENT_ID, IdpProcess, Upstream, free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
+
+SECRET_KEY = "scale-out-secret-key-scale-out-secret-key"
+ENV = {"GATEWAY_OIDC__CLIENT_SECRET": "bff-secret", "GATEWAY_SESSION__SECRET_KEY": SECRET_KEY}
+
+
+def _config(
+    idp: IdpProcess,
+    upstreams: dict[str, Upstream],
+    *,
+    public_port: int,
+    redis_url: str,
+    prefix: str,
+    redis_timeout: str = "2s",
+) -> dict[str, Any]:
+    return {
+        "public_url": f"http://127.0.0.1:{public_port}",
+        "oidc": {
+            "issuer": idp.issuer,
+            "client_id": CLIENT_ID,
+            "dialect": "rfc8707",
+            "prompt": "consent",
+        },
+        "session": {
+            "store": "redis",
+            "redis_url": redis_url,
+            "redis_key_prefix": prefix,
+            "redis_timeout": redis_timeout,
+        },
+        "log": {"level": "warning"},
+        "routes": [
+            {
+                "prefix": "/api/",
+                "upstream": upstreams["api"].url,
+                "audience": API,
+                "scopes": ["read:orders"],
+            },
+            {
+                "prefix": "/billing/",
+                "upstream": upstreams["billing"].url,
+                "audience": BILLING,
+                "scopes": ["read:invoices"],
+            },
+        ],
+    }
+
+
+class Cluster:
+    def __init__(self, idp: IdpProcess, gateways: list[GatewayProcess]) -> None:
+        self.idp = idp
+        self.a, self.b = gateways
+
+    async def login(self, client: httpx.AsyncClient) -> None:
+        response = await browser_login(
+            client, f"{self.a.base_url}/auth/login?return_to=/", idp_issuer=self.idp.issuer
+        )
+        assert response.status_code == 302, response.text
+
+
+@pytest.fixture
+def redis_url() -> Iterator[tuple[str, str]]:
+    """The machine's Redis (127.0.0.1:6379, db 14) with a key prefix of this test only."""
+    prefix = f"gwtest:{uuid.uuid4().hex}:"
+    url = "redis://127.0.0.1:6379/14"
+    yield url, prefix
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def cluster(idp_factory: IdpFactory, redis_url: tuple[str, str]) -> Iterator[Cluster]:
+    idp = idp_factory(rotate=True, at_ttl=60)
+    url, prefix = redis_url
+    ports = [free_port(), free_port()]
+    with start_upstreams(idp) as upstreams:
+        configs = [_config(idp, upstreams, public_port=ports[0], redis_url=url, prefix=prefix)] * 2
+        with gateway_processes(configs, ports, ENV) as gateways:
+            yield Cluster(idp, gateways)
+
+
+async def test_two_instances_share_session_tokens_and_refresh_lock(cluster: Cluster) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        await cluster.login(client)
+        cluster.idp.reset_stats()
+        urls = [
+            f"{(cluster.a if i % 2 else cluster.b).base_url}/{'api/x' if i % 4 < 2 else 'billing/y'}"
+            for i in range(100)
+        ]
+        responses = await asyncio.gather(*(client.get(u, headers=CSRF) for u in urls))
+        assert [r.status_code for r in responses] == [200] * 100, {
+            r.status_code: r.text for r in responses
+        }
+        assert cluster.idp.stats()["refresh_by_resource"] == {API: 1, BILLING: 1}
+        for i in range(20):  # alternating A/B: shared tokens, no further exchange
+            base = cluster.a if i % 2 else cluster.b
+            response = await client.get(f"{base.base_url}/api/z", headers=CSRF)
+            assert response.status_code == 200
+            assert response.json()["aud"] == API
+        stats = cluster.idp.stats()
+        assert stats["refresh_by_resource"] == {API: 1, BILLING: 1}
+        assert stats["refresh_errors"] == {}
+
+
+async def test_logout_on_b_ends_the_session_on_a(cluster: Cluster) -> None:
+    async with httpx.AsyncClient(timeout=30) as client:
+        await cluster.login(client)
+        assert (await client.get(f"{cluster.a.base_url}/api/x", headers=CSRF)).status_code == 200
+        copy = {"Cookie": f"gw_session={client.cookies['gw_session']}"}
+        logout = await client.post(f"{cluster.b.base_url}/auth/logout", headers=CSRF)
+        assert logout.status_code == 200 and logout.json()["logged_out"] is True
+        assert "gw_session" not in client.cookies
+    # The browser dropped its cookie; a copy of it must not work on A either.
+    async with httpx.AsyncClient(timeout=30) as other:
+        assert (await other.get(f"{cluster.a.base_url}/auth/me", headers=copy)).status_code == 401
+        assert (
+            await other.get(f"{cluster.a.base_url}/api/x", headers={**CSRF, **copy})
+        ).status_code == 401
+
+
+async def test_redis_paused_then_restarted(idp_factory: IdpFactory) -> None:
+    idp = idp_factory(at_ttl=60)
+    with redis_process() as server, start_upstreams(idp) as upstreams:
+        port = free_port()
+        config = _config(
+            idp,
+            upstreams,
+            public_port=port,
+            redis_url=server.url,
+            prefix="gw:",
+            redis_timeout="500ms",
+        )
+        with gateway_processes([config], [port], ENV) as (gateway,):
+            cluster_login = Cluster(idp, [gateway, gateway])
+            async with httpx.AsyncClient(timeout=30) as client:
+                await cluster_login.login(client)
+                assert (
+                    await client.get(f"{gateway.base_url}/api/x", headers=CSRF)
+                ).status_code == 200
+
+                server.pause()
+                try:
+                    started = time.monotonic()
+                    paused = await client.get(f"{gateway.base_url}/api/x", headers=CSRF)
+                    elapsed = time.monotonic() - started
+                    ready = await client.get(f"{gateway.base_url}/readyz")
+                finally:
+                    server.resume()
+                assert paused.status_code == 503, paused.text
+                assert paused.json()["error"] == "session_store_unavailable"
+                assert "retry-after" in paused.headers
+                assert elapsed < 5
+                assert ready.status_code == 503
+
+                recovered = await _eventually_ok(client, f"{gateway.base_url}/api/x")
+                assert recovered.status_code == 200  # the session survived the pause
+
+                server.restart()  # no persistence: every session is gone
+                lost = await client.get(f"{gateway.base_url}/api/x", headers=CSRF)
+                assert lost.status_code == 401, lost.text
+                assert lost.json()["error"] == "login_required"
+                assert "Traceback" not in gateway.logs()
+
+
+async def _eventually_ok(client: httpx.AsyncClient, url: str) -> httpx.Response:
+    response = await client.get(url, headers=CSRF)
+    for _ in range(50):
+        if response.status_code == 200:
+            break
+        await asyncio.sleep(0.1)
+        response = await client.get(url, headers=CSRF)
+    return response
