@@ -15,7 +15,7 @@ import redis
 from .conftest import IdpFactory
 from .gateway_harness import CSRF, start_upstreams
 from .login import browser_login
-from .processes import GatewayProcess, RedisProcess, gateway_processes, redis_process
+from .processes import GatewayProcess, gateway_processes, redis_process
 from .servers import API, BILLING, CLIENT_ID, IdpProcess, Upstream, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -106,7 +106,7 @@ async def test_two_instances_share_session_tokens_and_refresh_lock(cluster: Clus
         await cluster.login(client)
         cluster.idp.reset_stats()
         urls = [
-            f"{(cluster.a if i % 2 else cluster.b).base_url}/{'api/x' if i % 4 < 2 else 'billing/y'}"
+            (cluster.a if i % 2 else cluster.b).base_url + ("/api/x" if i % 4 < 2 else "/billing/y")
             for i in range(100)
         ]
         responses = await asyncio.gather(*(client.get(u, headers=CSRF) for u in urls))
