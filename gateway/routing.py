@@ -22,11 +22,17 @@ def normalize_path(raw_path: str) -> str:
     out: list[str] = []
     segments = raw_path[1:].split("/")
     for index, segment in enumerate(segments):
-        decoded = unquote(segment, errors="strict") if "%" in segment else segment
+        try:
+            decoded = unquote(segment, errors="strict") if "%" in segment else segment
+        except UnicodeDecodeError:  # %ff, overlong %c0%af ("/"): not UTF-8, refused
+            raise InvalidPath("the path is not percent-encoded UTF-8") from None
         if any(ch in decoded for ch in "/\\") or any(
             ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded
         ):
             raise InvalidPath("the path contains an encoded slash, backslash or control character")
+        if ";" in decoded and decoded.split(";", 1)[0] in (".", ".."):
+            # `..;x` is `..` to servers that drop path parameters (Tomcat, Jetty, Spring).
+            raise InvalidPath("the path contains a dot segment with parameters")
         last = index == len(segments) - 1
         if decoded == ".":
             if last:
