@@ -1,15 +1,72 @@
-"""Logging setup: JSON or text lines on the ``gateway.*`` loggers; secrets never formatted."""
+"""Logging setup, request ids and the per-request context shared by middleware and proxy.
+
+JSON or text lines on the ``gateway.*`` loggers; secrets, query strings and headers are never
+formatted. A request id (from a valid incoming ``X-Request-ID`` or generated) rides along in a
+context variable, so every line logged while serving a request carries it.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import re
 import time
-from typing import Any
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, Literal
 
+from starlette.types import Scope
+
+from .metrics import GATEWAY_ROUTE
 from .settings import LogSettings
 
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+_STANDARD.add("color_message")  # uvicorn's ANSI-coloured copy of the message
+
+REQUEST_ID_HEADER = b"x-request-id"
+CONTEXT_KEY = "gateway.context"  # the RequestContext's key in the ASGI scope
+# What we accept from clients: short, and safe to echo into logs and headers.
+_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+
+current_request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """Per-request facts the access log and metrics need, filled in along the way."""
+
+    request_id: str
+    route: str = GATEWAY_ROUTE  # a configured route name, ``gateway`` or ``unmatched``
+    upstream_seconds: float | None = None
+    sub: str | None = None
+
+
+def request_context(scope: Scope) -> RequestContext:
+    """The request's context, created on first use (so endpoints work without middleware)."""
+    context: RequestContext | None = scope.get(CONTEXT_KEY)
+    if context is None:
+        context = scope[CONTEXT_KEY] = RequestContext(request_id=new_request_id())
+    return context
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def valid_request_id(value: bytes) -> str | None:
+    """A client's ``X-Request-ID`` if it is 1-128 characters of ``[A-Za-z0-9._-]``."""
+    return value.decode("ascii") if _VALID_REQUEST_ID.fullmatch(value) else None
+
+
+def user_for_log(sub: str | None, mode: Literal["hashed", "omit", "plain"]) -> str | None:
+    """The user as the access log shows it: a SHA-256 prefix of ``sub`` by default."""
+    if sub is None or mode == "omit":
+        return None
+    if mode == "plain":
+        return sub
+    return hashlib.sha256(sub.encode()).hexdigest()[:16]
 
 
 class JSONFormatter(logging.Formatter):
@@ -26,6 +83,10 @@ class JSONFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_"):
                 entry[key] = value
+        if "request_id" not in entry:
+            request_id = current_request_id.get()
+            if request_id is not None:
+                entry["request_id"] = request_id
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
         return json.dumps(entry, default=str)

@@ -1,0 +1,445 @@
+"""Request ids, the access log and the JSON log format (gateway/observability.py, access_log.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from starlette.types import Message, Receive, Scope, Send
+
+from gateway import create_app
+from gateway.access_log import AccessLogMiddleware
+from gateway.metrics import GatewayMetrics
+from gateway.observability import (
+    JSONFormatter,
+    configure_logging,
+    current_request_id,
+    request_context,
+    user_for_log,
+    valid_request_id,
+)
+from gateway.proxy import UpstreamResponse
+from gateway.settings import LogSettings
+
+from .conftest import DISCOVERY, jwks, make_settings
+
+pytestmark = pytest.mark.anyio
+
+GENERATED = re.compile(r"[0-9a-f]{32}")
+JWKS_URL = str(DISCOVERY["jwks_uri"])
+TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+VALID_IDS = ["a", "req-1", "A.b_c-9", "x" * 128, "0af7651916cd43dd8448eb211c80319c"]
+INVALID_IDS = ["", "x" * 129, "has space", "semi;colon", "a/b", "a:b", "caf\u00e9", "{json}"]
+
+
+def _metric(metrics: GatewayMetrics, name: str, **labels: str) -> float:
+    value = metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+class Inner:
+    """An ASGI app standing in for the gateway's router: records what it saw."""
+
+    def __init__(self, *, route: str = "api", sub: str | None = "alice", status: int = 200) -> None:
+        self.route, self.sub, self.status = route, sub, status
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.extra_response_headers: list[tuple[bytes, bytes]] = []
+        self.raise_error = False
+        self.answer = True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.headers = list(scope["headers"])
+        context = request_context(scope)
+        context.route, context.sub, context.upstream_seconds = self.route, self.sub, 0.002
+        logging.getLogger("gateway.inner").warning("inside the request")
+        if self.raise_error:
+            raise RuntimeError("boom")
+        if not self.answer:
+            return
+        headers = [(b"content-type", b"text/plain"), *self.extra_response_headers]
+        await send({"type": "http.response.start", "status": self.status, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+
+@pytest.fixture
+def access_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    return caplog
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    return httpx.AsyncClient(transport=transport, base_url="http://gw.test")
+
+
+def _middleware(inner: Inner, **log: Any) -> tuple[AccessLogMiddleware, GatewayMetrics]:
+    metrics = GatewayMetrics(routes=["api"])
+    return AccessLogMiddleware(
+        inner, metrics=metrics, settings=LogSettings.model_validate(log)
+    ), metrics
+
+
+def _access_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
+    formatter = JSONFormatter()
+    return [json.loads(formatter.format(r)) for r in records if r.name == "gateway.access"]
+
+
+@pytest.mark.parametrize("value", VALID_IDS)
+def test_valid_request_id_accepts_short_safe_ids(value: str) -> None:
+    assert valid_request_id(value.encode()) == value
+
+
+@pytest.mark.parametrize("value", INVALID_IDS)
+def test_valid_request_id_refuses_long_or_unsafe_ids(value: str) -> None:
+    assert valid_request_id(value.encode("utf-8")) is None
+
+
+@pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        ("hashed", hashlib.sha256(b"auth0|alice").hexdigest()[:16]),
+        ("plain", "auth0|alice"),
+        ("omit", None),
+    ],
+)
+def test_user_for_log_modes(mode: Any, expected: str | None) -> None:
+    assert user_for_log("auth0|alice", mode) == expected
+    assert user_for_log(None, mode) is None
+
+
+async def test_request_id_generated_when_missing_then_returned_and_seen_inside() -> None:
+    inner = Inner()
+    app, _ = _middleware(inner)
+    async with _client(app) as client:
+        response = await client.get("/api/x")
+    request_id = response.headers["x-request-id"]
+    assert GENERATED.fullmatch(request_id)
+    assert [v for k, v in inner.headers if k == b"x-request-id"] == [request_id.encode()]
+
+
+@pytest.mark.parametrize("value", VALID_IDS)
+async def test_request_id_valid_incoming_is_kept(value: str) -> None:
+    inner = Inner()
+    app, _ = _middleware(inner)
+    async with _client(app) as client:
+        response = await client.get("/api/x", headers={"X-Request-ID": value})
+    assert response.headers["x-request-id"] == value
+    assert [v for k, v in inner.headers if k == b"x-request-id"] == [value.encode()]
+
+
+@pytest.mark.parametrize("value", INVALID_IDS)
+async def test_request_id_invalid_incoming_is_replaced_everywhere(value: str) -> None:
+    inner = Inner()
+    app, _ = _middleware(inner)
+    async with _client(app) as client:
+        response = await client.get("/api/x", headers=[(b"X-Request-ID", value.encode("utf-8"))])
+    request_id = response.headers["x-request-id"]
+    assert GENERATED.fullmatch(request_id)
+    assert [v for k, v in inner.headers if k == b"x-request-id"] == [request_id.encode()]
+
+
+async def test_response_request_id_replaces_the_apps_own() -> None:
+    inner = Inner()
+    inner.extra_response_headers = [(b"X-Request-ID", b"upstream-id")]
+    app, _ = _middleware(inner)
+    async with _client(app) as client:
+        response = await client.get("/api/x", headers={"X-Request-ID": "mine"})
+    assert response.headers.get_list("x-request-id") == ["mine"]
+
+
+async def test_access_log_line_is_json_with_request_fields_and_no_query(
+    access_log: pytest.LogCaptureFixture,
+) -> None:
+    app, metrics = _middleware(Inner())
+    async with _client(app) as client:
+        response = await client.get(
+            "/api/orders?code=secret-code&state=secret-state",
+            headers={"X-Request-ID": "rid-1", "Cookie": "gw_session=secret-cookie"},
+        )
+    assert response.status_code == 200
+    [line] = _access_lines(access_log.records)
+    assert line["logger"] == "gateway.access" and line["level"] == "info"
+    assert line["request_id"] == "rid-1" and line["method"] == "GET"
+    assert line["route"] == "api" and line["status"] == 200
+    assert line["upstream_ms"] == 2.0 and line["duration_ms"] >= 0
+    assert line["user"] == hashlib.sha256(b"alice").hexdigest()[:16]
+    text = json.dumps(line)
+    assert "secret" not in text and "/orders" not in text
+    assert _metric(metrics, "gateway_requests_total", route="api", status="200") == 1
+    assert _metric(metrics, "gateway_upstream_duration_seconds_count", route="api") == 1
+
+
+@pytest.mark.parametrize(("mode", "present"), [("hashed", True), ("plain", True), ("omit", False)])
+async def test_access_log_user_follows_log_user(
+    access_log: pytest.LogCaptureFixture, mode: str, present: bool
+) -> None:
+    app, _ = _middleware(Inner(), user=mode)
+    async with _client(app) as client:
+        await client.get("/api/x")
+    [line] = _access_lines(access_log.records)
+    assert ("user" in line) is present
+    if mode == "plain":
+        assert line["user"] == "alice"
+
+
+async def test_access_log_does_no_work_when_the_logger_is_disabled(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, logger="gateway.access")
+
+    def must_not_run(*args: Any) -> None:
+        raise AssertionError("formatted a disabled access log line")
+
+    monkeypatch.setattr("gateway.access_log.user_for_log", must_not_run)
+    app, metrics = _middleware(Inner())
+    async with _client(app) as client:
+        response = await client.get("/api/x")
+    assert response.status_code == 200
+    assert not [r for r in caplog.records if r.name == "gateway.access"]
+    assert _metric(metrics, "gateway_requests_total", route="api", status="200") == 1
+
+
+async def test_access_log_off_in_settings_still_counts_metrics(
+    access_log: pytest.LogCaptureFixture,
+) -> None:
+    app, metrics = _middleware(Inner(), access_log=False)
+    async with _client(app) as client:
+        await client.get("/api/x")
+    assert _access_lines(access_log.records) == []
+    assert _metric(metrics, "gateway_requests_total", route="api", status="200") == 1
+
+
+async def test_unhandled_error_is_logged_and_counted_as_500(
+    access_log: pytest.LogCaptureFixture,
+) -> None:
+    inner = Inner()
+    inner.raise_error = True
+    app, metrics = _middleware(inner)
+    async with _client(app) as client:
+        with pytest.raises(RuntimeError):
+            await client.get("/api/x")
+    [line] = _access_lines(access_log.records)
+    assert line["status"] == 500
+    assert _metric(metrics, "gateway_requests_total", route="api", status="500") == 1
+
+
+async def test_no_answer_is_logged_as_client_closed_499(
+    access_log: pytest.LogCaptureFixture,
+) -> None:
+    inner = Inner()
+    inner.answer = False
+    app, _ = _middleware(inner)
+    scope = {"type": "http", "method": "GET", "path": "/api/x", "headers": [], "query_string": b""}
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        raise AssertionError("nothing may be sent")
+
+    await app(scope, receive, send)
+    [line] = _access_lines(access_log.records)
+    assert line["status"] == 499
+
+
+async def test_non_http_scopes_pass_through_untouched() -> None:
+    seen: list[Scope] = []
+
+    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
+        seen.append(scope)
+
+    metrics = GatewayMetrics()
+    app = AccessLogMiddleware(inner, metrics=metrics, settings=LogSettings.model_validate({}))
+    scope: dict[str, Any] = {"type": "lifespan"}
+    await app(scope, _never_receive, _never_send)
+    assert seen == [{"type": "lifespan"}]
+    assert _metric(metrics, "gateway_requests_total", route="gateway", status="200") == 0
+
+
+async def _never_receive() -> Message:
+    raise AssertionError
+
+
+async def _never_send(message: Message) -> None:
+    raise AssertionError
+
+
+class _FormattingHandler(logging.Handler):
+    """Formats at emit time, in the request's context, as the StreamHandler in production."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JSONFormatter())
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))
+
+
+async def test_every_line_logged_during_a_request_carries_its_id() -> None:
+    handler = _FormattingHandler()
+    inner_logger = logging.getLogger("gateway.inner")
+    inner_logger.addHandler(handler)
+    try:
+        app, _ = _middleware(Inner())
+        async with _client(app) as client:
+            await client.get("/api/x", headers={"X-Request-ID": "rid-2"})
+    finally:
+        inner_logger.removeHandler(handler)
+    [line] = handler.lines
+    assert line["request_id"] == "rid-2" and line["message"] == "inside the request"
+    assert current_request_id.get() is None  # reset once the request is done
+
+
+def test_json_formatter_prefers_explicit_request_id_and_names_exceptions() -> None:
+    token = current_request_id.set("from-context")
+    try:
+        record = logging.LogRecord("gateway.x", logging.ERROR, __file__, 1, "m %s", ("a",), None)
+        record.request_id = "explicit"
+        try:
+            raise ValueError("secret-detail")
+        except ValueError:
+            record.exc_info = sys.exc_info()
+        line = json.loads(JSONFormatter().format(record))
+    finally:
+        current_request_id.reset(token)
+    assert line["request_id"] == "explicit" and line["message"] == "m a"
+    assert line["exception"] == "ValueError" and "secret-detail" not in json.dumps(line)
+
+
+@pytest.fixture
+def restore_root_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    access_disabled = logging.getLogger("uvicorn.access").disabled
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("uvicorn.access").disabled = access_disabled
+
+
+@pytest.mark.parametrize(
+    ("fmt", "formatter"), [("json", JSONFormatter), ("text", logging.Formatter)]
+)
+def test_configure_logging_installs_one_handler(
+    restore_root_logging: None, fmt: Any, formatter: type[logging.Formatter]
+) -> None:
+    configure_logging(LogSettings.model_validate({"format": fmt, "level": "warning"}))
+    root = logging.getLogger()
+    [handler] = root.handlers
+    assert type(handler.formatter) is formatter
+    assert root.level == logging.WARNING
+    assert logging.getLogger("uvicorn.access").disabled
+
+
+# -- the whole app: the id and traceparent reach the upstream ---------------------------------
+
+
+class RecordingUpstream:
+    """An UpstreamClient that answers 200 and records the headers it was asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[tuple[str, str]]] = []
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: AsyncIterator[bytes] | None,
+        *,
+        timeout: float,
+        route: str,
+    ) -> UpstreamResponse:
+        self.sent.append(headers)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b"ok"
+
+        return UpstreamResponse(200, ((b"Content-Length", b"2"),), chunks(), _Released())  # type: ignore[arg-type]
+
+    async def close(self) -> None:
+        return None
+
+
+class _Released:
+    def release(self) -> None:
+        return None
+
+
+async def test_gateway_forwards_request_id_and_traceparent_untouched(
+    idp: respx.MockRouter,
+) -> None:
+    upstream = RecordingUpstream()
+    app = create_app(make_settings(), upstream=upstream)
+    async with _client(app) as client:
+        given = await client.get(
+            "/status/x", headers={"X-Request-ID": "rid-up", "traceparent": TRACEPARENT}
+        )
+        generated = await client.get("/status/y", headers={"X-Request-ID": "bad id"})
+    assert given.headers["x-request-id"] == "rid-up"
+    first = [(k.lower(), v) for k, v in upstream.sent[0]]
+    assert ("x-request-id", "rid-up") in first and ("traceparent", TRACEPARENT) in first
+    second = {k.lower(): v for k, v in upstream.sent[1]}
+    assert second["x-request-id"] == generated.headers["x-request-id"] != "bad id"
+    await app.state.gateway.shutdown()
+
+
+# -- health: liveness and readiness, outside auth and CSRF ------------------------------------
+
+CROSS_SITE = {"Origin": "https://evil.example", "Sec-Fetch-Site": "cross-site"}
+
+
+async def test_healthz_and_readyz_need_no_session_nor_csrf(idp: respx.MockRouter) -> None:
+    app = create_app(make_settings())
+    async with _client(app) as client:
+        health = await client.get("/healthz", headers=CROSS_SITE)
+        ready = await client.get("/readyz", headers=CROSS_SITE)
+    await app.state.gateway.shutdown()
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert ready.status_code == 200
+    assert ready.json() == {"ready": True, "checks": {"idp": "ok", "store": "ok"}}
+
+
+async def test_readyz_is_503_until_discovery_and_jwks_load_while_healthz_stays_200(
+    idp: respx.MockRouter,
+) -> None:
+    jwks_route = idp.get(JWKS_URL)
+    jwks_route.respond(503)
+    app = create_app(make_settings())
+    async with _client(app) as client:
+        not_ready = await client.get("/readyz")
+        alive = await client.get("/healthz")
+        jwks_route.respond(json=jwks())
+        ready = await client.get("/readyz")
+    await app.state.gateway.shutdown()
+    assert not_ready.status_code == 503
+    assert not_ready.json() == {"ready": False, "checks": {"idp": "idp_unavailable", "store": "ok"}}
+    assert alive.status_code == 200
+    assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+async def test_readyz_is_503_when_the_session_store_is_unreachable(idp: respx.MockRouter) -> None:
+    session = {
+        "store": "redis",
+        "redis_url": "redis://127.0.0.1:1/0",  # nothing listens on port 1
+        "redis_timeout": "500ms",
+        "secret_key": ["unit-secret-key-unit-secret-key-unit-secret"],
+    }
+    app = create_app(make_settings(session=session))
+    async with _client(app) as client:
+        ready = await client.get("/readyz")
+    await app.state.gateway.shutdown()
+    assert ready.status_code == 503
+    assert ready.json() == {
+        "ready": False,
+        "checks": {"idp": "ok", "store": "session_store_unavailable"},
+    }
