@@ -5,11 +5,14 @@
 // using RFC 8707 resource indicators: the client logs in once for several APIs
 // and then refreshes with `resource=<one API>` to get a single-audience JWT.
 //
-// Listens on 127.0.0.1 on an ephemeral port. The issuer is
-// `http://127.0.0.1:<port>`. When ready, exactly one JSON line is written to
+// Listens on 127.0.0.1 on an ephemeral port by default. The issuer is
+// `http://<host>:<port>`. When ready, exactly one JSON line is written to
 // stdout: {"issuer": "...", "port": N}. Every log line goes to stderr.
 //
 // Environment variables:
+//   IDP_PORT             port to listen on (default 0: ephemeral); the demo uses 4000
+//   IDP_HOST             address to listen on and to name in the issuer (default
+//                        127.0.0.1); browsers must reach it, so no 0.0.0.0
 //   IDP_AT_TTL           access token lifetime in seconds (default 60)
 //   IDP_ROTATE           "1" rotates refresh tokens on every use; replaying a
 //                        rotated token is `invalid_grant` and revokes the grant
@@ -61,6 +64,11 @@ const AT_TTL = Number.parseInt(process.env.IDP_AT_TTL ?? '60', 10);
 if (!Number.isInteger(AT_TTL) || AT_TTL <= 0) {
   throw new Error(`IDP_AT_TTL must be a positive integer, got ${process.env.IDP_AT_TTL}`);
 }
+const PORT = Number.parseInt(process.env.IDP_PORT || '0', 10);
+if (!Number.isInteger(PORT) || PORT < 0 || PORT > 65535) {
+  throw new Error(`IDP_PORT must be a port number (0 = ephemeral), got ${process.env.IDP_PORT}`);
+}
+const HOST = process.env.IDP_HOST || '127.0.0.1';
 const ROTATE = process.env.IDP_ROTATE === '1';
 const BACKCHANNEL_URI = process.env.IDP_BACKCHANNEL_URI || undefined;
 
@@ -377,9 +385,14 @@ const server = createServer((req, res) => {
 });
 server.keepAliveTimeout = 5_000;
 
-server.listen(0, '127.0.0.1', () => {
+server.on('error', (err) => {
+  console.error(`cannot listen on ${HOST}:${PORT}: ${err.message}`);
+  process.exit(1);
+});
+
+server.listen(PORT, HOST, () => {
   const { port } = server.address();
-  const issuer = `http://127.0.0.1:${port}`;
+  const issuer = `http://${HOST.includes(':') ? `[${HOST}]` : HOST}:${port}`;
   const provider = buildProvider(issuer);
   handler = provider.callback();
   process.stdout.write(`${JSON.stringify({ issuer, port })}\n`);
