@@ -1,0 +1,248 @@
+"""Forward-auth: answer a data plane's auth subrequest with the route's bearer token.
+
+nginx ``auth_request``, Traefik ``forwardAuth``, Envoy ``ext_authz`` (HTTP service) and
+ingress-nginx send the original request's headers here; the gateway runs the same
+route -> session -> CSRF -> token policy as its own proxy and answers without a body:
+
+* ``200`` + ``Authorization: Bearer <token for the route's audience>`` (no header for
+  ``auth: none`` routes), optionally ``X-Auth-Request-User`` / ``X-Auth-Request-Email``;
+* ``401 login_required`` with a ``login_url`` back to the original URI, or ``403``, as the proxy
+  would; anything the gateway cannot place (no route, a malformed or ambiguous original URI) is a
+  ``403`` too, because data planes treat any other status as their own error.
+
+The route comes from ``?route=<name>`` on the endpoint's own URL (set by the data plane's config,
+never by the client), else from matching the original path against the route table. The original
+path is read from every header the known data planes use; they must agree, so a header a client
+slipped past its data plane cannot pick another route.
+
+The answer carries bearer tokens, so only the data plane may ask: a shared secret in
+``X-Forward-Auth-Secret`` and/or a source-address allow-list (both must pass when both are set).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
+
+from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
+
+from .errors import Forbidden, GatewayError, InvalidPath, LoginRequired, render_error
+from .observability import request_context
+from .proxy_endpoint import bearer_for
+from .routing import Route as GatewayRoute
+from .routing import normalize_path
+from .security import tokens_equal, validate_return_to
+
+if TYPE_CHECKING:
+    from .app import Gateway
+
+logger = logging.getLogger("gateway.forward_auth")
+
+SECRET_HEADER = b"x-forward-auth-secret"
+# Where data planes put the original request target: Traefik X-Forwarded-Uri, nginx (by
+# convention) X-Original-URI, ingress-nginx X-Original-URL (absolute), Envoy
+# X-Envoy-Original-Path. Envoy's ext_authz also appends the original path to the check request's
+# own path (``path_prefix``).
+_URI_HEADERS = (b"x-forwarded-uri", b"x-original-uri", b"x-envoy-original-path")
+_URL_HEADER = b"x-original-url"
+_METHOD_HEADERS = (b"x-forwarded-method", b"x-original-method")
+_METHOD = re.compile(r"[A-Z]{1,16}")
+_MAX_URI = 8192
+_OK_HEADERS = [(b"cache-control", b"no-store"), (b"content-length", b"0")]
+
+
+class CallerRefused(Forbidden):
+    """The caller is not the configured data plane (secret or source address)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OriginalRequest:
+    """What the data plane told us about the request it is asking about."""
+
+    method: str
+    path: str | None  # normalised, percent-decoded; None when the data plane named only a route
+    target: str | None  # raw path + query as the browser sent it (for the login return_to)
+    route_name: str | None
+
+
+def _all(scope: Scope, name: bytes) -> list[str]:
+    return [v.decode("latin-1") for k, v in scope["headers"] if k == name]
+
+
+def _one(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _split_target(value: str, *, absolute: bool = False) -> tuple[str, str]:
+    """(raw path, query) of a request target; absolute URLs only where ``absolute``."""
+    value = value.strip()
+    if len(value) > _MAX_URI or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise Forbidden("the original URI is too long or has control characters")
+    if absolute and not value.startswith("/"):
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise Forbidden("the original URL is not an absolute http(s) URL")
+        return parts.path or "/", parts.query
+    path, _, query = value.partition("?")
+    if not path.startswith("/"):
+        raise Forbidden("the original URI is not a path")
+    return path, query.partition("#")[0]
+
+
+def read_original_request(scope: Scope, endpoint_path: str) -> OriginalRequest:
+    """The original method, path and route name from a forward-auth request (pure)."""
+    raw = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1")
+    own_path = raw.partition("?")[0]  # some clients put the query into raw_path
+    own_query = scope.get("query_string", b"").decode("latin-1")
+    candidates: list[tuple[str, str]] = []
+    for name in _URI_HEADERS:
+        candidates += [_split_target(v) for v in _all(scope, name)]
+    candidates += [_split_target(v, absolute=True) for v in _all(scope, _URL_HEADER)]
+    route_name: str | None = None
+    if own_path.startswith(endpoint_path + "/"):
+        # Envoy ext_authz with path_prefix: the rest of our own path is the original path and
+        # our query string is the original query, so a `route` in it came from the client.
+        candidates.append((own_path[len(endpoint_path) :], own_query))
+    else:
+        names = [v for k, v in parse_qsl(own_query, keep_blank_values=True) if k == "route"]
+        if len(set(names)) > 1:
+            raise Forbidden("the data plane named more than one route")
+        route_name = (names[0] or None) if names else None
+    paths: list[str] = []
+    for raw_path, _query in candidates:
+        try:
+            paths.append(normalize_path(raw_path))
+        except InvalidPath as exc:
+            raise Forbidden(f"the original path is refused: {exc.message}") from None
+    # Compared and matched percent-decoded, as data planes route (normalize_path has refused
+    # encoded slashes, backslashes and control characters, so decoding cannot add segments).
+    decoded = [unquote(p) for p in paths]
+    if len(set(decoded)) > 1:
+        raise Forbidden("the data plane's original-URI headers disagree")
+    methods = {m.strip().upper() for name in _METHOD_HEADERS for m in _all(scope, name)}
+    if len(methods) > 1:
+        raise Forbidden("the data plane's original-method headers disagree")
+    method = methods.pop() if methods else str(scope["method"]).upper()
+    if not _METHOD.fullmatch(method):
+        raise Forbidden("the original method is not a valid HTTP method")
+    target = None
+    if candidates:
+        raw_path, query = candidates[0]
+        target = raw_path + (f"?{query}" if query else "")
+    return OriginalRequest(
+        method=method, path=decoded[0] if decoded else None, target=target, route_name=route_name
+    )
+
+
+def _header_value(value: object) -> bytes | None:
+    """A claim as a header value: printable ASCII only, else left out."""
+    if not isinstance(value, str) or not value or len(value) > 1024:
+        return None
+    if not all(0x20 <= ord(c) < 0x7F for c in value):
+        return None
+    return value.encode("ascii")
+
+
+class ForwardAuthEndpoint:
+    """The forward-auth endpoint as raw ASGI (it is the hot path of forward-auth mode)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+        settings = gateway.settings.forward_auth
+        self._path = settings.path
+        self._secret = settings.secret.get_secret_value() if settings.secret else None
+        self._networks = [ipaddress.ip_network(s) for s in settings.allowed_sources]
+        self._user_headers = settings.user_headers
+
+    def routes(self) -> list[BaseRoute]:
+        """Any method (Envoy sends the original one); ``/<path>/...`` is Envoy's path_prefix."""
+        return [Route(self._path, self), Route(self._path + "/{original:path}", self)]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            headers = await self._decide(scope)
+        except GatewayError as exc:
+            response = render_error(exc)
+            response.headers["X-Auth-Error"] = exc.error
+            login_url = exc.extra.get("login_url")
+            if login_url:
+                response.headers["X-Auth-Login-Url"] = login_url
+            await response(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b""})
+
+    def _check_caller(self, scope: Scope) -> None:
+        client = (scope.get("client") or ("", 0))[0]
+        if self._secret is not None and not tokens_equal(_one(scope, SECRET_HEADER), self._secret):
+            logger.info("forward-auth: refused a caller without the shared secret (%s)", client)
+            raise CallerRefused("this endpoint answers the configured data plane only")
+        if self._networks:
+            try:
+                address = ipaddress.ip_address(client)
+            except ValueError:
+                address = None
+            if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                address = address.ipv4_mapped
+            if address is None or not any(address in net for net in self._networks):
+                logger.info("forward-auth: refused a caller outside allowed_sources (%s)", client)
+                raise CallerRefused("this endpoint answers the configured data plane only")
+
+    def _route(self, original: OriginalRequest) -> GatewayRoute:
+        if original.route_name is not None:
+            route = self._gw.routes.by_name(original.route_name)
+            if route is None:
+                raise Forbidden(f"no gateway route is named {original.route_name[:64]!r}")
+            return route
+        if original.path is None:
+            raise Forbidden("the data plane sent neither a route name nor the original URI")
+        route = self._gw.routes.match(original.path)
+        if route is None:
+            raise Forbidden("no gateway route matches the original path")
+        return route
+
+    def _login_url(self, original: OriginalRequest) -> str:
+        login_url = self._gw.login_url
+        target = validate_return_to(original.target, default="")
+        return f"{login_url}?return_to={quote(target, safe='')}" if target else login_url
+
+    async def _decide(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        """The 200 answer's headers, or raise what the proxy would have answered."""
+        self._check_caller(scope)
+        gw = self._gw
+        context = request_context(scope)
+        await gw.ensure_started()
+        original = read_original_request(scope, self._path)
+        route = self._route(original)
+        context.route = route.name
+        if not route.needs_token:
+            return list(_OK_HEADERS)
+        session = await gw.sessions.current(_one(scope, b"cookie"))
+        if session is None:
+            raise LoginRequired("no valid session", login_url=self._login_url(original))
+        context.sub = session.sub
+        try:
+            bearer = await bearer_for(gw, route, session, original.method, scope)
+        except LoginRequired as exc:  # the refresh token died: the session ended with it
+            exc.extra.setdefault("login_url", self._login_url(original))
+            raise
+        headers = [(b"authorization", b"Bearer " + bearer.encode("latin-1")), *_OK_HEADERS]
+        if self._user_headers:
+            for name, claim in (
+                (b"x-auth-request-user", session.sub),
+                (b"x-auth-request-email", session.claims.get("email")),
+            ):
+                value = _header_value(claim)
+                if value is not None:
+                    headers.append((name, value))
+        return headers
