@@ -11,28 +11,38 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
+from starlette.types import ASGIApp
 
+from .access_log import AccessLogMiddleware
 from .auth_routes import AuthEndpoints
+from .connections import ConnectionRegistry
 from .crypto import SessionCipher
 from .errors import GatewayError, handle_gateway_error, handle_unexpected_error
+from .forward_auth import ForwardAuthEndpoint
+from .metrics import GatewayMetrics
 from .oidc import OIDCClient
 from .proxy import AiohttpUpstreamClient, UpstreamClient
-from .proxy_endpoint import ProxyEndpoint
+from .proxy_endpoint import ProxyEndpoint, ProxyFastPath
 from .routing import RouteTable
+from .security_headers import MarkRelayed, SecurityHeadersMiddleware
 from .sessions import MemorySessionStore, SessionStore
+from .sessions.events import create_session_events
 from .sessions.manager import SessionManager
 from .settings import Settings
+from .static import StaticSite
 from .tokens import TokenBroker
+from .websocket import WebSocketRelay
 
 logger = logging.getLogger("gateway")
 
@@ -66,9 +76,23 @@ class Gateway:
             follow_redirects=False,
             headers={"User-Agent": "mrrt-gateway"},
         )
-        self.oidc = OIDCClient(settings, self.idp_http)
-        self.broker = TokenBroker(oidc=self.oidc, store=self.store, settings=settings.tokens)
+        self.metrics = GatewayMetrics.from_settings(settings)
+        self.metrics.track_sessions(self.store)
+        self.metrics_port: int | None = None  # bound port of metrics.port's listener
+        # Open WebSockets and streams per session; session ends reach other instances too.
+        self.connections = ConnectionRegistry()
+        self.connections.export(self.metrics.registry)
+        self.session_events = create_session_events(settings)
+        self.oidc = OIDCClient(settings, self.idp_http, observe=self.metrics.observe_idp)
+        self.broker = TokenBroker(
+            oidc=self.oidc,
+            store=self.store,
+            settings=settings.tokens,
+            metrics=self.metrics,
+            on_session_ended=self.session_ended,
+        )
         self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient()
+        self.websockets = WebSocketRelay(self)
         self.login_url = settings.public_url + "/auth/login"
         self.post_logout_redirect_url = (
             settings.oidc.post_logout_redirect_url or settings.public_url + "/"
@@ -86,11 +110,13 @@ class Gateway:
             return
         async with self._start_lock:
             if not self._started:
+                await self.session_events.start(self.connections.close_session)
                 await self.oidc.metadata()
                 await self.oidc.refresh_jwks()
                 self._started = True
 
     async def startup(self) -> None:
+        self.metrics_port = self.metrics.start_listener(self.settings.metrics)
         try:
             await self.ensure_started()
         except GatewayError as exc:
@@ -98,22 +124,43 @@ class Gateway:
             logger.warning("identity provider not reachable at startup: %s", exc.message)
 
     async def shutdown(self) -> None:
-        await self.upstream.close()
-        await self.idp_http.aclose()
-        await self.store.close()
+        """Close everything, each step on its own: one failing close must not leak the rest."""
+        self.connections.close_all()
+        steps: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+            ("metrics listener", lambda: asyncio.to_thread(self.metrics.stop_listener)),
+            ("session events", self.session_events.close),
+            ("websockets", self.websockets.close),
+            ("upstream client", self.upstream.close),
+            ("IdP client", self.idp_http.aclose),
+            ("session store", self.store.close),
+        ]
+        for name, close in steps:
+            try:
+                await close()
+            except Exception as exc:  # noqa: BLE001 - shutdown goes on
+                logger.warning("closing the %s failed: %s", name, type(exc).__name__)
 
     async def end_session(self, session_id: str, *, revoke: bool = False) -> Any:
         """Delete a session and its cached tokens; optionally revoke its refresh token."""
         session = await self.store.delete(session_id)
         self.broker.forget(session_id)
+        await self.session_ended(session_id)
         if session is not None and revoke:
             await self.oidc.revoke(session.refresh_token)
         return session
+
+    async def session_ended(self, session_id: str) -> None:
+        """Close the session's open WebSockets (4401) and streams here and, through the
+        session events, on every other instance."""
+        self.connections.close_session(session_id)
+        await self.session_events.publish(session_id)
 
 
 def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) -> Starlette:
     """The gateway as an ASGI app (standalone, or mounted with ``app.mount("/", ...)``)."""
     gateway = Gateway(settings, upstream=upstream)
+    # Lets SecurityHeadersMiddleware tell relayed upstream answers from the gateway's own.
+    gateway.upstream = MarkRelayed(gateway.upstream)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -141,16 +188,38 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         finally:
             await gateway.shutdown()
 
+    catch_all: ASGIApp = ProxyEndpoint(gateway)
+    if settings.static is not None:
+        # Static files sit in front of the proxy; a longer route prefix still wins.
+        catch_all = StaticSite(settings.static, gateway.routes, fallback=catch_all)
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", gateway.metrics.endpoint(settings.metrics), methods=["GET"]),
         *AuthEndpoints(gateway).routes(),
-        Mount("/", app=ProxyEndpoint(gateway)),
+        *(ForwardAuthEndpoint(gateway).routes() if settings.forward_auth.enabled else []),
+        Mount("/", app=catch_all),
     ]
     app = Starlette(
         routes=routes,
+        # Outermost first. AccessLogMiddleware: request id in/out, metrics, access log.
+        middleware=[
+            Middleware(AccessLogMiddleware, metrics=gateway.metrics, settings=settings.log),
+            # nosniff, no-referrer, DENY framing, CSP, no-store on /auth: gateway answers only.
+            Middleware(SecurityHeadersMiddleware, https=settings.is_https),
+            # Innermost: proxied paths skip the router (a static site keeps it: it relies on
+            # the exception middleware for StaticFiles' HTTP errors).
+            *(
+                [Middleware(ProxyFastPath, proxy=catch_all, routes=routes)]
+                if settings.static is None
+                else []
+            ),
+        ],
         exception_handlers={GatewayError: handle_gateway_error, Exception: handle_unexpected_error},
         lifespan=lifespan,
     )
+    # A path no route pattern matches (Mount's regex stops at a line break) goes to the
+    # catch-all too, which answers it in JSON (invalid_path) instead of Starlette's plain 404.
+    app.router.default = catch_all
     app.state.gateway = gateway
     return app

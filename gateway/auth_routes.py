@@ -1,4 +1,4 @@
-"""The gateway's own endpoints under /auth: login, callback, logout, me."""
+"""The gateway's own endpoints under /auth: login, callback, logout, me, backchannel-logout."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import BaseRoute, Route
 
+from .backchannel import process_logout_token, read_logout_token
 from .errors import CSRFCheckFailed, GatewayError, LoginFailed, LoginRequired
 from .oidc import pkce_challenge
 from .security import check_csrf, new_secret_token, tokens_equal, validate_return_to
@@ -53,6 +54,7 @@ class AuthEndpoints:
             Route("/auth/callback", self.callback, methods=["GET"]),
             Route("/auth/logout", self.logout, methods=["GET", "POST"]),
             Route("/auth/me", self.me, methods=["GET"]),
+            Route("/auth/backchannel-logout", self.backchannel_logout, methods=["POST"]),
         ]
 
     async def login(self, request: Request) -> Response:
@@ -177,6 +179,15 @@ class AuthEndpoints:
             ],
         }
         return _no_store(JSONResponse(body))
+
+    async def backchannel_logout(self, request: Request) -> Response:
+        """OIDC Back-Channel Logout 1.0: the IdP ends sessions by ``sid``/``sub``. Server to
+        server, so no cookie and no CSRF check: the signed logout token is the proof."""
+        gw = self._gw
+        await gw.ensure_started()
+        token = await read_logout_token(request)
+        await process_logout_token(gw, token)
+        return _no_store(Response(status_code=200))
 
 
 def _is_same_origin_navigation(request: Request, allowed_origins: list[str]) -> bool:

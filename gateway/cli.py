@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import sys
 from collections.abc import Sequence
 
@@ -84,13 +85,17 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     from .observability import configure_logging
 
     configure_logging(settings.log)
+    # uvicorn refuses browser WebSocket messages over ws_max_size before the route's own limit
+    # (websocket_max_message_bytes) is checked: let the largest route limit through.
+    ws_limits = [r.websocket_max_message_bytes for r in settings.routes if r.websocket]
     uvicorn.run(
         create_app(settings),
         host=host or settings.server.host,
         port=port if port is not None else settings.server.port,
         proxy_headers=False,
         server_header=False,
-        timeout_graceful_shutdown=int(settings.server.graceful_timeout),
+        timeout_graceful_shutdown=math.ceil(settings.server.graceful_timeout),
+        ws_max_size=max([16 * 1024 * 1024, *ws_limits]) + 1,
         log_config=None,
         access_log=False,
     )

@@ -35,6 +35,7 @@ _STRIPPED_REQUEST = HOP_BY_HOP | {
     "x-real-ip",
 }
 _REQUEST_REMOVE = frozenset(n.encode() for n in _STRIPPED_REQUEST)
+_REQUEST_REMOVE_COOKIE = _REQUEST_REMOVE | {b"cookie"}
 _RESPONSE_REMOVE = frozenset(n.encode() for n in HOP_BY_HOP)
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -69,25 +70,33 @@ def build_upstream_headers(
     bearer: str | None,
     forward_cookies: bool = False,
 ) -> list[tuple[str, str]]:
-    """The request headers an upstream receives (see module docstring)."""
-    remove = _REQUEST_REMOVE | _connection_tokens(headers)
-    if not forward_cookies:
-        remove = remove | {b"cookie"}
+    """The request headers an upstream receives (see module docstring).
+
+    One pass over the headers (this runs on every proxied request); names a ``Connection``
+    header lists, rare in practice, are dropped afterwards.
+    """
+    remove = _REQUEST_REMOVE if forward_cookies else _REQUEST_REMOVE_COOKIE
     out: list[tuple[str, str]] = []
+    listed: set[bytes] | None = None
     for raw_name, raw_value in headers:
         name = raw_name.lower()
         if name in remove:
+            if name == b"connection":
+                listed = _connection_tokens([(name, raw_value)]) | (listed or set())
             continue
         if name == b"cookie":
             raw_value = strip_cookies(raw_value, gateway_cookies)
             if not raw_value:
                 continue
         out.append((name.decode("latin-1"), raw_value.decode("latin-1")))
+    if listed:
+        dropped = {token.decode("latin-1") for token in listed}
+        out = [(name, value) for name, value in out if name not in dropped]
     out.append(("x-forwarded-for", client_ip))
     out.append(("x-forwarded-proto", proto))
     out.append(("x-forwarded-host", host))
     if bearer is not None:
-        out.append(("authorization", f"Bearer {bearer}"))
+        out.append(("authorization", "Bearer " + bearer))
     return out
 
 
@@ -95,13 +104,17 @@ def filter_response_headers(
     headers: Iterable[tuple[bytes, bytes]], *, gateway_cookies: frozenset[bytes]
 ) -> list[tuple[bytes, bytes]]:
     """Upstream response headers for the client: no hop-by-hop, no overwrite of our cookies."""
-    pairs = [(name.lower(), value) for name, value in headers]
-    remove = _RESPONSE_REMOVE | _connection_tokens(pairs)
     out: list[tuple[bytes, bytes]] = []
-    for name, value in pairs:
-        if name in remove:
+    listed: set[bytes] | None = None
+    for raw_name, value in headers:
+        name = raw_name.lower()
+        if name in _RESPONSE_REMOVE:
+            if name == b"connection":
+                listed = _connection_tokens([(name, value)]) | (listed or set())
             continue
         if name == b"set-cookie" and value.split(b"=", 1)[0].strip() in gateway_cookies:
             continue
         out.append((name, value))
+    if listed:
+        out = [(name, value) for name, value in out if name not in listed]
     return out

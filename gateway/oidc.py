@@ -11,6 +11,7 @@ import base64
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -107,8 +108,16 @@ _REFRESH_ERRORS: dict[str, type[GatewayError]] = {
 class OIDCClient:
     """The gateway as an OIDC relying party of one issuer."""
 
-    def __init__(self, settings: Settings, http: httpx.AsyncClient) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        http: httpx.AsyncClient,
+        *,
+        observe: Callable[[str, float], None] | None = None,
+    ) -> None:
         self._settings = settings
+        # observe(endpoint, seconds) after each call: token, discovery, jwks, revoke.
+        self._observe = observe if observe is not None else _ignore_timing
         self._oidc = settings.oidc
         self._http = http
         self._metadata: dict[str, Any] | None = None
@@ -126,7 +135,9 @@ class OIDCClient:
         async with self._lock:
             if self._metadata is None or time.monotonic() - self._metadata_at >= _METADATA_TTL:
                 url = self._oidc.issuer.rstrip("/") + "/.well-known/openid-configuration"
-                document = await self._get_json(url, what="discovery document")
+                document = await self._get_json(
+                    url, what="discovery document", endpoint="discovery"
+                )
                 for key in ("issuer", "authorization_endpoint", "token_endpoint", "jwks_uri"):
                     if not isinstance(document.get(key), str):
                         raise IdentityProviderUnavailable(f"the discovery document lacks {key}")
@@ -154,7 +165,7 @@ class OIDCClient:
 
     async def refresh_jwks(self) -> None:
         metadata = await self.metadata()
-        document = await self._get_json(metadata["jwks_uri"], what="JWKS")
+        document = await self._get_json(metadata["jwks_uri"], what="JWKS", endpoint="jwks")
         try:
             self._jwks = jwt.PyJWKSet.from_dict(document)
         except jwt.PyJWTError as exc:
@@ -283,6 +294,7 @@ class OIDCClient:
         if not isinstance(endpoint, str):
             return False
         data = {"token": token, "token_type_hint": hint}
+        started = time.perf_counter()
         try:
             response = await self._http.post(
                 endpoint, data=self._with_client_auth(data), auth=self._basic_auth()
@@ -290,6 +302,8 @@ class OIDCClient:
         except httpx.HTTPError as exc:
             logger.warning("token revocation failed: %s", type(exc).__name__)
             return False
+        finally:
+            self._observe("revoke", time.perf_counter() - started)
         if response.status_code != 200:
             logger.warning("token revocation answered %s", response.status_code)
             return False
@@ -343,6 +357,7 @@ class OIDCClient:
     async def _token_request(self, data: dict[str, str]) -> TokenResponse:
         metadata = await self.metadata()
         body = self._with_client_auth(data)
+        started = time.perf_counter()
         try:
             response = await self._http.post(
                 metadata["token_endpoint"], data=body, auth=self._basic_auth()
@@ -351,6 +366,8 @@ class OIDCClient:
             raise IdentityProviderUnavailable("the identity provider timed out") from exc
         except httpx.HTTPError as exc:
             raise IdentityProviderUnavailable("the identity provider is unreachable") from exc
+        finally:
+            self._observe("token", time.perf_counter() - started)
         if response.status_code == 429 or response.status_code >= 500:
             raise IdentityProviderUnavailable(
                 f"the identity provider answered {response.status_code}",
@@ -372,11 +389,14 @@ class OIDCClient:
             raise IdentityProviderUnavailable("the identity provider's token answer is not JSON")
         return _parse_token_response(payload)
 
-    async def _get_json(self, url: str, *, what: str) -> dict[str, Any]:
+    async def _get_json(self, url: str, *, what: str, endpoint: str) -> dict[str, Any]:
+        started = time.perf_counter()
         try:
             response = await self._http.get(url)
         except httpx.HTTPError as exc:
             raise IdentityProviderUnavailable(f"cannot fetch the {what}") from exc
+        finally:
+            self._observe(endpoint, time.perf_counter() - started)
         if response.status_code != 200:
             raise IdentityProviderUnavailable(
                 f"the {what} answered {response.status_code}", retry_after=_retry_after(response)
@@ -385,6 +405,10 @@ class OIDCClient:
         if payload is None:
             raise IdentityProviderUnavailable(f"the {what} is not a JSON object")
         return payload
+
+
+def _ignore_timing(endpoint: str, seconds: float) -> None:
+    return None
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any] | None:

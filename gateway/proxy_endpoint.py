@@ -7,11 +7,14 @@ runs no extra tasks per request.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from starlette.types import Receive, Scope, Send
+from starlette.routing import BaseRoute, Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import (
     GatewayError,
@@ -22,15 +25,21 @@ from .errors import (
     render_error,
 )
 from .headers import build_upstream_headers, filter_response_headers
+from .metrics import UNMATCHED_ROUTE
+from .observability import request_context
 from .routing import Route, normalize_path
 from .security import check_csrf
 
 if TYPE_CHECKING:
     from .app import Gateway
+    from .sessions.base import Session
 
 logger = logging.getLogger("gateway.proxy")
 
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
+# A raw path without these is already normal (normalize_path would return it unchanged): no
+# percent-encoding to judge, no backslash or control character, no segment starting with a dot.
+_NOT_PLAIN_PATH = re.compile(r"[%\\\x00-\x1f\x7f]|/\.")
 
 
 class ClientDisconnected(Exception):
@@ -69,11 +78,111 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _has_body(method: str, scope: Scope) -> bool:
-    length = _header(scope, b"content-length")
+def _scan_headers(
+    headers: list[tuple[bytes, bytes]], wanted: frozenset[bytes]
+) -> tuple[int, dict[bytes, str]]:
+    """One pass over the request headers: their total size, and the first value of each
+    ``wanted`` one (what ``_header`` would return for it)."""
+    size = 0
+    found: dict[bytes, str] = {}
+    for key, value in headers:
+        size += len(key) + len(value)
+        if key in wanted and key not in found:
+            found[key] = value.decode("latin-1")
+    return size, found
+
+
+def _has_body(method: str, found: dict[bytes, str]) -> bool:
+    length = found.get(b"content-length")
     if length is not None:
         return length.strip() not in ("", "0")
-    return _header(scope, b"transfer-encoding") is not None or method not in _BODYLESS
+    return b"transfer-encoding" in found or method not in _BODYLESS
+
+
+def _plain_path(raw_path: str) -> str:
+    """``normalize_path`` without its cost for the common, already-normal path."""
+    if raw_path.startswith("/") and _NOT_PLAIN_PATH.search(raw_path) is None:
+        return raw_path
+    return normalize_path(raw_path)
+
+
+async def bearer_for(
+    gw: Gateway, route: Route, session: Session, method: str, scope: Scope
+) -> str:
+    """The anti-CSRF check (unless the route opts out), then the route's access token.
+
+    One policy for a token, shared by this proxy and forward-auth (whose ``scope`` carries the
+    original request's headers and ``method`` its original method).
+    """
+    return await _bearer(gw, route, session, method, lambda name: _header(scope, name))
+
+
+async def _bearer(
+    gw: Gateway,
+    route: Route,
+    session: Session,
+    method: str,
+    header: Callable[[bytes], str | None],
+) -> str:
+    if route.settings.csrf:
+        check_csrf(
+            method=method,
+            header_value=header(gw.csrf_header),
+            expected_value=gw.settings.csrf.value,
+            origin=header(b"origin"),
+            sec_fetch_site=header(b"sec-fetch-site"),
+            allowed_origins=gw.settings.allowed_origins,
+        )
+    return await gw.broker.access_token(session, route)
+
+
+def _is_event_stream(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
+    """Server-sent events end cleanly when their session does (EventSource then reconnects
+    and meets the 401); any other body cut short stays visibly truncated."""
+    return any(
+        k.lower() == b"content-type" and v.lower().startswith(b"text/event-stream")
+        for k, v in headers
+    )
+
+
+class ProxyFastPath:
+    """Innermost middleware: a proxied HTTP request skips Starlette's exception middleware and
+    router and goes straight to the proxy.
+
+    The router tries each of the gateway's own routes (/healthz, /auth/...) on every path
+    before the catch-all ``Mount("/")`` takes it; on the hot path that walk cost more than the
+    proxy's own work (benchmarks/README.md). A path that one of ``routes`` could match (its
+    literal part, up to the first ``{``), a non-HTTP scope, or a mounted app (``root_path``)
+    takes the router as before. The proxy renders its own errors, so nothing is lost.
+    """
+
+    def __init__(self, app: ASGIApp, *, proxy: ASGIApp, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self._proxy = proxy
+        exact: set[str] = set()
+        prefixes: list[str] = []
+        for route in routes:
+            if isinstance(route, Mount) and route.path == "":
+                continue  # the catch-all itself
+            path = getattr(route, "path", None)
+            if not isinstance(path, str):
+                prefixes.append("/")  # unknown kind of route: always ask the router
+                continue
+            literal = path.split("{", 1)[0]
+            if literal == path and not isinstance(route, Mount):
+                exact.add(path)
+            else:
+                prefixes.append(literal)
+        self._exact = frozenset(exact)
+        self._prefixes = tuple(prefixes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):
+            path: str = scope["path"]
+            if path not in self._exact and not path.startswith(self._prefixes):
+                await self._proxy(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ProxyEndpoint:
@@ -81,11 +190,23 @@ class ProxyEndpoint:
 
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
+        # The request headers the hot path reads, collected in one pass.
+        self._wanted = frozenset(
+            {
+                b"cookie",
+                b"accept",
+                b"content-length",
+                b"transfer-encoding",
+                b"origin",
+                b"sec-fetch-site",
+                gateway.csrf_header,
+            }
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
+                await self._gw.websockets(scope, receive, send)
             return
         try:
             await self._handle(scope, receive, send)
@@ -94,46 +215,42 @@ class ProxyEndpoint:
         except ClientDisconnected:
             return
 
-    def _limits(self, scope: Scope, route: Route) -> int:
+    def _limits(self, size: int, length: str | None, route: Route) -> int:
         settings = self._gw.settings
-        if sum(len(k) + len(v) for k, v in scope["headers"]) > settings.limits.max_header_bytes:
+        if size > settings.limits.max_header_bytes:
             raise HeadersTooLarge("the request headers are too large")
         limit = route.settings.max_body_bytes
         limit = settings.limits.max_body_bytes if limit is None else limit
-        length = _header(scope, b"content-length")
         if limit and length is not None and length.strip().isdigit() and int(length) > limit:
             raise PayloadTooLarge(f"the request body is over {limit} bytes")
         return limit
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         gw = self._gw
+        context = request_context(scope)
+        context.route = UNMATCHED_ROUTE  # until a configured route matches
         await gw.ensure_started()
         raw_path = scope.get("raw_path") or scope["path"].encode()
-        path = normalize_path(raw_path.decode("latin-1"))
+        path = _plain_path(raw_path.decode("latin-1"))
         route = gw.routes.match(path)
         if route is None:
             raise NotFound("no route matches this path")
-        limit = self._limits(scope, route)
+        context.route = route.name
+        size, found = _scan_headers(scope["headers"], self._wanted)
+        limit = self._limits(size, found.get(b"content-length"), route)
         method: str = scope["method"]
         bearer: str | None = None
+        session_id: str | None = None  # streamed answers end with the session (connections.py)
         if route.needs_token:
-            cookie = _header(scope, b"cookie")
-            session = await gw.sessions.current(cookie)
+            session = await gw.sessions.current(found.get(b"cookie"))
             if session is None:
-                if method == "GET" and "text/html" in (_header(scope, b"accept") or ""):
+                if method == "GET" and "text/html" in (found.get(b"accept") or ""):
                     await self._redirect_to_login(scope, send, path)
                     return
                 raise LoginRequired("no valid session", login_url=gw.login_url)
-            if route.settings.csrf:
-                check_csrf(
-                    method=method,
-                    header_value=_header(scope, gw.csrf_header),
-                    expected_value=gw.settings.csrf.value,
-                    origin=_header(scope, b"origin"),
-                    sec_fetch_site=_header(scope, b"sec-fetch-site"),
-                    allowed_origins=gw.settings.allowed_origins,
-                )
-            bearer = await gw.broker.access_token(session, route)
+            context.sub = session.sub
+            session_id = session.id
+            bearer = await _bearer(gw, route, session, method, found.get)
         query = scope.get("query_string", b"").decode("latin-1")
         url = route.upstream_url(path, query)
         headers = build_upstream_headers(
@@ -145,7 +262,8 @@ class ProxyEndpoint:
             bearer=bearer,
             forward_cookies=route.settings.forward_cookies,
         )
-        body = _RequestBody(receive, limit) if _has_body(method, scope) else None
+        body = _RequestBody(receive, limit) if _has_body(method, found) else None
+        sent_at = time.perf_counter()
         try:
             upstream = await gw.upstream.send(
                 method,
@@ -159,6 +277,8 @@ class ProxyEndpoint:
             if body is not None and body.too_large:
                 raise PayloadTooLarge(f"the request body is over {limit} bytes") from None
             raise
+        finally:
+            context.upstream_seconds = time.perf_counter() - sent_at  # to response headers
         try:
             await send(
                 {
@@ -170,11 +290,18 @@ class ProxyEndpoint:
                 }
             )
             if method != "HEAD":
-                try:
-                    async for chunk in upstream.body:
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                except GatewayError:
-                    return  # logged where it happened; the client sees a truncated body
+                with gw.connections.stream(session_id) as stream:
+                    try:
+                        async for chunk in upstream.body:
+                            if stream.ended:
+                                break
+                            await send(
+                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                            )
+                    except GatewayError:
+                        return  # logged where it happened; the client sees a truncated body
+                if stream.ended and not _is_event_stream(upstream.headers):
+                    return  # the session ended mid-body: truncated, never passed off as whole
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             upstream.close()

@@ -6,6 +6,7 @@ message naming the field, never a runtime surprise.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -180,19 +181,83 @@ class CSRFSettings(_Section):
     )
 
 
+_GATEWAY_AUTH_PATHS = (
+    "/auth/login",
+    "/auth/callback",
+    "/auth/logout",
+    "/auth/me",
+    "/auth/backchannel-logout",
+)
+
+
 class ForwardAuthSettings(_Section):
     enabled: bool = Field(False, description="Serve GET /auth/forward for data planes.")
-    secret: SecretStr | None = Field(None, description="GATEWAY_FORWARD_AUTH__SECRET.")
+    secret: SecretStr | None = Field(
+        None,
+        description="GATEWAY_FORWARD_AUTH__SECRET (32+ characters); callers send it in "
+        "X-Forward-Auth-Secret.",
+    )
+    # NoDecode: the env var is a comma-separated list, not JSON.
+    allowed_sources: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="CIDRs the data plane calls from; with a secret too, both must pass.",
+    )
+    path: str = Field("/auth/forward", description="Path of the endpoint, under /auth/.")
+    user_headers: bool = Field(
+        False, description="Add X-Auth-Request-User (sub) and X-Auth-Request-Email to 200s."
+    )
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+    @field_validator("allowed_sources", mode="before")
+    @classmethod
+    def _split_sources(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [s.strip() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("allowed_sources")
+    @classmethod
+    def _sources_are_networks(cls, value: list[str]) -> list[str]:
+        try:
+            return [str(ipaddress.ip_network(s, strict=False)) for s in value]
+        except ValueError as exc:
+            raise ValueError(f"not an IP network in CIDR form: {exc}") from None
+
+    @field_validator("path")
+    @classmethod
+    def _path_shape(cls, value: str) -> str:
+        value = value.rstrip("/")
+        if not re.fullmatch(r"/auth(/[A-Za-z0-9._~\-]+)+", value) or value in _GATEWAY_AUTH_PATHS:
+            raise ValueError(f"must be a path under /auth/ not used by the gateway, got {value!r}")
+        if any(seg in (".", "..") for seg in value.split("/")):
+            raise ValueError("must not contain . or .. segments")
+        return value
 
 
 class LogSettings(_Section):
     format: Literal["json", "text"] = Field("json", description="Log line format.")
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     access_log: bool = Field(True, description="One line per request on gateway.access.")
+    user: Literal["hashed", "omit", "plain"] = Field(
+        "hashed", description="The user's `sub` in access logs: a SHA-256 prefix, none, or as is."
+    )
 
 
 class MetricsSettings(_Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics on GET /metrics.")
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve /metrics on this port of its own instead of the main app's.",
+    )
+    host: str = Field("127.0.0.1", description="Address of the separate metrics listener.")
 
 
 class LimitSettings(_Section):
@@ -211,6 +276,20 @@ class RouteSettings(_Section):
     auth: Literal["user", "none"] = Field("user", description="user: bearer token; none: public.")
     csrf: bool = Field(True, description="Require the anti-CSRF header on this route.")
     websocket: bool = Field(False, description="Allow WebSocket upgrades.")
+    websocket_token_expiry: Literal["keep", "close", "reconnect"] = Field(
+        "keep",
+        description="When the token a WebSocket was opened with expires: keep (the upstream "
+        "owns re-auth), close (4401), or reconnect upstream with a fresh token.",
+    )
+    websocket_max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1, description="Largest WebSocket message either way; over it: 1009."
+    )
+    websocket_idle_timeout: Duration = Field(
+        0.0, description="Close a WebSocket with no message either way this long (0 = never)."
+    )
+    websocket_max_lifetime: Duration = Field(
+        0.0, description="Close a WebSocket this long after it opened (0 = never)."
+    )
     forward_cookies: bool = Field(
         False,
         description="Forward the browser's other cookies (never the gateway's own) upstream.",
@@ -243,6 +322,46 @@ class RouteSettings(_Section):
         return self
 
 
+class StaticSettings(_Section):
+    """A directory of static files served by the gateway itself (e.g. the demo page)."""
+
+    path: str = Field(
+        "/", description="URL path the files are served under; longer route prefixes still win."
+    )
+    directory: Path = Field(
+        description="Directory holding the files (relative to the working directory); it must "
+        "exist. The files are public: served to anyone, GET and HEAD only."
+    )
+    content_security_policy: str = Field(
+        "default-src 'self'; frame-ancestors 'none'",
+        description="Content-Security-Policy header of the files ('' sends none); the default "
+        "allows same-origin scripts, styles and fetches, no inline code.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _path_shape(cls, value: str) -> str:
+        if not value.startswith("/") or any(c in value for c in "?#\\%") or "//" in value:
+            raise ValueError(f"must be an absolute path like / or /app/, got {value!r}")
+        if any(seg in (".", "..") for seg in value.split("/")):
+            raise ValueError("must not contain . or .. segments")
+        return value if value.endswith("/") else value + "/"
+
+    @field_validator("content_security_policy")
+    @classmethod
+    def _header_safe(cls, value: str) -> str:
+        if any(not " " <= c <= "~" for c in value):
+            raise ValueError("must be printable ASCII on one line")
+        return value
+
+    @field_validator("directory")
+    @classmethod
+    def _directory_exists(cls, value: Path) -> Path:
+        if not value.is_dir():
+            raise ValueError(f"{value} is not a directory (working directory: {Path.cwd()})")
+        return value
+
+
 RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
 
 
@@ -269,6 +388,9 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
     limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
     routes: list[RouteSettings] = Field(default_factory=list, description="The route table.")
+    static: StaticSettings | None = Field(
+        None, description="Serve a static front end from the gateway (off by default)."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -314,11 +436,22 @@ class Settings(BaseSettings):
                 "oidc.client_secret: required for "
                 f"{self.oidc.token_endpoint_auth_method} (set GATEWAY_OIDC__CLIENT_SECRET)"
             )
-        if self.forward_auth.enabled and self.forward_auth.secret is None:
+        forward = self.forward_auth
+        if forward.enabled and forward.secret is None and not forward.allowed_sources:
             raise ValueError(
                 "forward_auth.secret: required when forward_auth is enabled "
-                "(set GATEWAY_FORWARD_AUTH__SECRET)"
+                "(set GATEWAY_FORWARD_AUTH__SECRET), unless forward_auth.allowed_sources "
+                "restricts the callers"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _static_checks(self) -> Settings:
+        if self.static is not None:
+            if is_reserved_prefix(self.static.path):
+                raise ValueError(f"static.path: {self.static.path} is reserved")
+            if any(route.prefix == self.static.path for route in self.routes):
+                raise ValueError(f"static.path: {self.static.path} is also a route prefix")
         return self
 
     @property

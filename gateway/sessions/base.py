@@ -101,6 +101,10 @@ class SessionStore(Protocol):
     async def pop_login(self, state: str) -> dict[str, Any] | None:
         """Take a pending login out, once: a replayed state finds nothing."""
 
+    async def remember_jti(self, jti: str, ttl: float) -> bool:
+        """Record a back-channel logout token's ``jti`` for ``ttl`` seconds; True when it was
+        not seen before (replay protection that holds across gateway instances)."""
+
     async def ping(self) -> None:
         """Raise SessionStoreUnavailable when the backend cannot answer."""
 

@@ -24,6 +24,9 @@ from .base import Session, SessionStore
 
 _MAX_COOKIE_LEN = 256
 LOGIN_COOKIE_TTL = 600
+# Cookie headers already verified -> their session id (see ``session_id_from_cookie``).
+_VERIFIED_MAX = 4096
+_VERIFIED_HEADER_MAX = 2048
 
 
 class SessionManager:
@@ -48,11 +51,24 @@ class SessionManager:
         self.cookie_names_bytes = frozenset(n.encode() for n in self.cookie_names)
         # Sliding the idle expiry costs a store write; do it at most this often per session.
         self._touch_interval = min(60.0, settings.session.idle_timeout / 10)
+        self._verified: dict[str, str] = {}
 
     # -- reading ----------------------------------------------------------------------------
 
     def session_id_from_cookie(self, cookie_header: str | None) -> str | None:
-        """The store key named by a well-formed, correctly signed cookie, else None."""
+        """The store key named by a well-formed, correctly signed cookie, else None.
+
+        A browser sends the same ``Cookie`` header on every request: the headers that passed
+        the HMAC check are remembered with their session id (a bounded dict, oldest out
+        first), which spares the hot path the parse, the HMAC and the SHA-256. Only a header
+        that verified is remembered, so a hit proves what the check would. The dict lookup
+        is keyed by a per-process randomised hash, so its timing says nothing about secrets.
+        """
+        if cookie_header is None:
+            return None
+        known = self._verified.get(cookie_header)
+        if known is not None:
+            return known
         value = read_cookie(cookie_header, self.cookie_name)
         if value is None or len(value) > _MAX_COOKIE_LEN:
             return None
@@ -61,7 +77,12 @@ class SessionManager:
             return None
         if not self._cipher.verify(token.encode(), signature):
             return None
-        return session_id_for(token)
+        session_id = session_id_for(token)
+        if len(cookie_header) <= _VERIFIED_HEADER_MAX:
+            if len(self._verified) >= _VERIFIED_MAX:
+                del self._verified[next(iter(self._verified))]
+            self._verified[cookie_header] = session_id
+        return session_id
 
     async def current(self, cookie_header: str | None) -> Session | None:
         """The live session of this cookie (sliding its idle expiry), or None."""

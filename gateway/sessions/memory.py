@@ -24,6 +24,7 @@ class MemorySessionStore:
         self._sessions: dict[str, tuple[Session, float]] = {}
         self._tokens: dict[str, dict[str, CachedToken]] = {}
         self._logins: dict[str, tuple[dict[str, Any], float]] = {}
+        self._jtis: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes = 0
 
@@ -101,6 +102,17 @@ class MemorySessionStore:
         if entry is None or self._clock() >= entry[1]:
             return None
         return entry[0]
+
+    async def remember_jti(self, jti: str, ttl: float) -> bool:
+        now = self._clock()
+        expires = self._jtis.get(jti)
+        if expires is not None and now < expires:
+            return False
+        self._jtis[jti] = now + ttl
+        if len(self._jtis) % 256 == 0:
+            for key in [k for k, exp in self._jtis.items() if now >= exp]:
+                del self._jtis[key]
+        return True
 
     async def ping(self) -> None:
         return None

@@ -8,6 +8,7 @@ Key layout (under ``key_prefix``)::
     idx:sub:<sha256(sub)> SET   session ids, for back-channel logout; TTL >= its members'
     idx:sid:<sha256(sid)> SET   idem, by the IdP's session id
     lock:<id>             STRING random token of the refresh-lock holder (a lease)
+    jti:<sha256(jti)>     STRING back-channel logout token ids seen, until the token expires
 
 Every ciphertext is bound to its key name (AES-GCM associated data), so a value copied under
 another key does not decrypt. Redis TTLs enforce the idle and absolute timeouts; the idle
@@ -451,6 +452,12 @@ class RedisSessionStore:
         if self._clock() >= expires or not isinstance(data, dict):
             return None
         return data
+
+    async def remember_jti(self, jti: str, ttl: float) -> bool:
+        # SET NX is atomic: of several instances receiving the same logout token, one wins.
+        key = self._key("jti", _digest(jti))
+        with self._translate("remember_jti"):
+            return bool(await self._redis.set(key, b"1", nx=True, px=_ms(ttl)))
 
     # Lifecycle
 

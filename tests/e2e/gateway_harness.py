@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,13 +128,19 @@ def start_upstreams(idp: IdpProcess) -> Iterator[dict[str, Upstream]]:
 
 @contextlib.contextmanager
 def run_gateway(
-    idp: IdpProcess, upstreams: dict[str, Upstream], **overrides: Any
+    idp: IdpProcess,
+    upstreams: dict[str, Upstream],
+    *,
+    uvicorn_options: dict[str, Any] | None = None,  # e.g. {"ws": "websockets-sansio"}
+    sock: socket.socket | None = None,  # reserve_socket() first to know the port in advance
+    **overrides: Any,
 ) -> Iterator[GatewayUnderTest]:
-    sock = reserve_socket()
+    sock = sock if sock is not None else reserve_socket()
     port = int(sock.getsockname()[1])
     settings = gateway_settings(idp, port, upstreams, **overrides)
     app = create_app(settings)
-    with run_asgi(app, sock=sock, proxy_headers=False) as base_url:
+    options = {"proxy_headers": False, **(uvicorn_options or {})}
+    with run_asgi(app, sock=sock, **options) as base_url:
         yield GatewayUnderTest(
             base_url=base_url, settings=settings, idp=idp, upstreams=upstreams, app=app
         )

@@ -20,7 +20,7 @@ import yaml
 from .servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-STARTUP_TIMEOUT = 20.0
+STARTUP_TIMEOUT = 60.0
 
 
 class GatewayProcess:

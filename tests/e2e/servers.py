@@ -28,13 +28,15 @@ from types import TracebackType
 from typing import Any
 
 import httpx
-import jwt
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp
+
+from demo.apis import VERIFY_ERRORS, verify_bearer
+from demo.apis import JwksCache as _JwksCache
 
 __all__ = [
     "API",
@@ -76,7 +78,7 @@ CLIENT_SECRET = "bff-secret"
 BASIC_CLIENT_ID = "bff-basic"  # client_secret_basic
 BASIC_CLIENT_SECRET = "bff-basic-secret"
 
-STARTUP_TIMEOUT = 20.0
+STARTUP_TIMEOUT = 60.0
 NPM_TIMEOUT = 300.0
 
 
@@ -376,40 +378,6 @@ def run_asgi(
 # -------------------------------------------------------------------- upstreams
 
 
-class _JwksCache:
-    """Fetches and caches the issuer's signing keys (refetch on unknown kid)."""
-
-    def __init__(self, issuer: str) -> None:
-        self.issuer = issuer
-        self._keys: dict[str, jwt.PyJWK] = {}
-        self._lock = asyncio.Lock()
-
-    async def key_for(self, kid: str | None) -> jwt.PyJWK:
-        key = self._lookup(kid)
-        if key is None:
-            async with self._lock:
-                if self._lookup(kid) is None:
-                    await self._refresh()
-            key = self._lookup(kid)
-        if key is None:
-            raise jwt.InvalidTokenError(f"no key with kid {kid!r} in the issuer's JWKS")
-        return key
-
-    def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
-        if kid is None:
-            return next(iter(self._keys.values())) if len(self._keys) == 1 else None
-        return self._keys.get(kid)
-
-    async def _refresh(self) -> None:
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            discovery = await client.get(f"{self.issuer}/.well-known/openid-configuration")
-            discovery.raise_for_status()
-            jwks = await client.get(discovery.json()["jwks_uri"])
-            jwks.raise_for_status()
-        keyset = jwt.PyJWKSet.from_dict(jwks.json())
-        self._keys = {key.key_id: key for key in keyset.keys if key.key_id}
-
-
 def _pattern(offset: int, size: int) -> bytes:
     """Bytes ``offset .. offset+size`` of the /big stream (byte i is ``i % 256``)."""
     start = offset % 256
@@ -474,21 +442,10 @@ class Upstream:
 
     # -- app
     async def _verify(self, request: Request) -> dict[str, Any]:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise jwt.InvalidTokenError("missing bearer token")
-        assert self._jwks is not None
-        key = await self._jwks.key_for(jwt.get_unverified_header(token).get("kid"))
-        claims: dict[str, Any] = jwt.decode(
-            token.strip(),
-            key=key.key,
-            algorithms=["RS256"],
-            audience=self.audience,
-            issuer=self.issuer,
-            options={"require": ["exp", "iat", "aud", "iss"]},
+        assert self._jwks is not None and self.audience is not None
+        return await verify_bearer(
+            request.headers.get("authorization"), jwks=self._jwks, audience=self.audience
         )
-        return claims
 
     def _build_app(self) -> Starlette:
         async def handle(request: Request) -> Response:
@@ -511,7 +468,7 @@ class Upstream:
             if self.require_auth:
                 try:
                     claims = await self._verify(request)
-                except (jwt.PyJWTError, httpx.HTTPError, KeyError, ValueError) as exc:
+                except VERIFY_ERRORS as exc:
                     entry["status"] = 401
                     self._record(entry)
                     return JSONResponse(
@@ -609,3 +566,177 @@ def start_upstream(
 def big_pattern(size: int) -> bytes:
     """The exact body ``GET /big?n=size`` streams, to compare downloads against."""
     return _pattern(0, size)
+
+
+# ------------------------------------------------------------ WebSocket upstream
+
+WS_SUBPROTOCOLS = ("chat.v2", "chat.v1")  # what the WebSocket upstream speaks, preferred first
+
+
+class WebSocketUpstream:
+    """A WebSocket upstream (and a long-running SSE source) that verifies the bearer token's
+    signature and audience against the IdP's JWKS, like :class:`Upstream`.
+
+    WebSocket paths (an upgrade without a valid token for ``audience`` is refused with 401)::
+
+        /echo    echoes text and binary messages; the text ``close:<code>:<reason>`` makes it
+                 close with that code and reason
+        /ticks   sends ``tick <n>`` every ``interval`` seconds until closed
+
+    The first of :data:`WS_SUBPROTOCOLS` that the client offers is accepted.
+    ``GET /sse`` sends an event every ``interval`` seconds until the client leaves (``?n=N``:
+    N events). ``connections`` records each accepted upgrade (path, query, aud, sub, exp,
+    subprotocol, headers, and the close code the client sent), ``refused`` each refusal,
+    ``ticks_sent`` every tick sent.
+    """
+
+    def __init__(
+        self, *, issuer: str, audience: str, name: str = "ws", interval: float = 0.1
+    ) -> None:
+        self.name = name
+        self.issuer = issuer
+        self.audience = audience
+        self.interval = interval
+        self._jwks = _JwksCache(issuer)
+        self._lock = threading.Lock()
+        self.connections: list[dict[str, Any]] = []
+        self.refused: list[str] = []
+        self.ticks_sent = 0
+        self.sse_open = 0
+        self._server = ServerThread(self._build_app(), ws="websockets-sansio")
+        self.base_url = self._server.base_url
+        self.url = f"{self.base_url}/"
+
+    def _build_app(self) -> Starlette:
+        from starlette.routing import WebSocketRoute
+        from starlette.websockets import WebSocket, WebSocketDisconnect
+
+        async def websocket_endpoint(websocket: WebSocket) -> None:
+            try:
+                claims = await verify_bearer(
+                    websocket.headers.get("authorization"), jwks=self._jwks, audience=self.audience
+                )
+            except VERIFY_ERRORS as exc:
+                with self._lock:
+                    self.refused.append(str(exc) or type(exc).__name__)
+                await websocket.send_denial_response(
+                    JSONResponse({"error": "invalid_token"}, status_code=401)
+                )
+                return
+            offered = websocket.scope.get("subprotocols") or []
+            chosen = next((p for p in WS_SUBPROTOCOLS if p in offered), None)
+            entry: dict[str, Any] = {
+                "path": websocket.url.path,
+                "query": websocket.url.query,
+                "aud": claims.get("aud"),
+                "sub": claims.get("sub"),
+                "exp": claims.get("exp"),
+                "subprotocol": chosen,
+                "headers": {k.lower(): v for k, v in websocket.headers.items()},
+                "close_code": None,
+                "close_reason": None,
+            }
+            with self._lock:
+                self.connections.append(entry)
+            await websocket.accept(subprotocol=chosen)
+            if websocket.url.path == "/ticks":
+                await ticks(websocket, entry)
+            else:
+                await echo(websocket, entry)
+
+        async def echo(websocket: WebSocket, entry: dict[str, Any]) -> None:
+            while True:
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    entry.update(close_code=message.get("code"), close_reason=message.get("reason"))
+                    return
+                text, data = message.get("text"), message.get("bytes")
+                if text is not None and text.startswith("close:"):
+                    _, code, reason = text.split(":", 2)
+                    await websocket.close(int(code), reason)
+                    return
+                if text is not None:
+                    await websocket.send_text(text)
+                elif data is not None:
+                    await websocket.send_bytes(data)
+
+        async def ticks(websocket: WebSocket, entry: dict[str, Any]) -> None:
+            async def send_ticks() -> None:
+                n = 0
+                while True:
+                    await websocket.send_text(f"tick {n}")
+                    with self._lock:
+                        self.ticks_sent += 1
+                    n += 1
+                    await asyncio.sleep(self.interval)
+
+            sender = asyncio.create_task(send_ticks())
+            try:
+                message = await websocket.receive()
+                while message["type"] != "websocket.disconnect":
+                    message = await websocket.receive()
+                entry.update(close_code=message.get("code"), close_reason=message.get("reason"))
+            except WebSocketDisconnect as exc:
+                entry.update(close_code=exc.code)
+            finally:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await sender
+
+        async def sse(request: Request) -> Response:
+            try:
+                await verify_bearer(
+                    request.headers.get("authorization"), jwks=self._jwks, audience=self.audience
+                )
+            except VERIFY_ERRORS:
+                return JSONResponse({"error": "invalid_token"}, status_code=401)
+            limit = int(request.query_params.get("n", "0"))
+
+            async def events() -> AsyncIterator[bytes]:
+                with self._lock:
+                    self.sse_open += 1
+                try:
+                    n = 0
+                    while not limit or n < limit:
+                        yield f"id: {n}\nevent: tick\ndata: {n}\n\n".encode()
+                        n += 1
+                        await asyncio.sleep(self.interval)
+                finally:
+                    with self._lock:
+                        self.sse_open -= 1
+
+            return StreamingResponse(
+                events(), media_type="text/event-stream", headers={"cache-control": "no-cache"}
+            )
+
+        return Starlette(
+            routes=[
+                Route("/sse", sse, methods=["GET"]),
+                WebSocketRoute("/{path:path}", websocket_endpoint),
+            ]
+        )
+
+    def stop(self) -> None:
+        """Stop the server thread."""
+        self._server.stop()
+
+    def __enter__(self) -> WebSocketUpstream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"WebSocketUpstream(url={self.url!r}, audience={self.audience!r})"
+
+
+def start_ws_upstream(
+    *, issuer: str, audience: str, name: str = "ws", interval: float = 0.1
+) -> WebSocketUpstream:
+    """Start a JWT-checking WebSocket + long-SSE upstream (see :class:`WebSocketUpstream`)."""
+    return WebSocketUpstream(issuer=issuer, audience=audience, name=name, interval=interval)

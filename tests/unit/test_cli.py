@@ -14,7 +14,9 @@ routes:
 """
 
 
-def test_check_prints_route_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_prints_route_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setenv("GATEWAY_OIDC__CLIENT_SECRET", "s")
     config = tmp_path / "g.yaml"
     config.write_text(GOOD)

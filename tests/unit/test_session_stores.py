@@ -208,3 +208,17 @@ async def test_store_ping_answers(store_and_clock: tuple[SessionStore, FakeClock
     store, _ = store_and_clock
     await store.ping()
     assert isinstance(store, SessionStore)
+
+
+async def test_store_remember_jti_is_true_once_until_ttl(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    store, clock = store_and_clock
+    assert await store.remember_jti("jti-1", ttl=0.3) is True
+    assert await store.remember_jti("jti-1", ttl=0.3) is False
+    assert await store.remember_jti("jti-2", ttl=0.3) is True
+    # Past the ttl the id may be forgotten: Redis follows real time, the memory store the clock.
+    clock.now += 0.5
+    await asyncio.sleep(0.5)
+    assert await store.remember_jti("jti-1", ttl=60) is True
+    assert await store.remember_jti("jti-1", ttl=60) is False

@@ -30,7 +30,15 @@ def _with(path: str, value: Any) -> dict[str, Any]:
 
 @pytest.mark.parametrize(
     ("value", "seconds"),
-    [("500ms", 0.5), ("30s", 30), ("5m", 300), ("8h", 28800), ("7d", 604800), (12, 12), ("1.5", 1.5)],
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("5m", 300),
+        ("8h", 28800),
+        ("7d", 604800),
+        (12, 12),
+        ("1.5", 1.5),
+    ],
 )
 def test_parse_duration_accepts_units(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
@@ -61,7 +69,9 @@ INVALID = [
 
 
 @pytest.mark.parametrize(("path", "value", "named"), INVALID)
-def test_load_settings_names_the_bad_field(tmp_path: Path, path: str, value: Any, named: str) -> None:
+def test_load_settings_names_the_bad_field(
+    tmp_path: Path, path: str, value: Any, named: str
+) -> None:
     import yaml
 
     config = tmp_path / "gateway.yaml"
@@ -73,7 +83,7 @@ def test_load_settings_names_the_bad_field(tmp_path: Path, path: str, value: Any
 
 def test_load_settings_refuses_duplicate_prefix() -> None:
     routes = BASE["routes"] * 2
-    with pytest.raises(ConfigError, match="routes.1.prefix: duplicate"):
+    with pytest.raises(ConfigError, match=r"routes\.1\.prefix: duplicate"):
         load_settings(None, **{**BASE, "routes": routes})
 
 
@@ -84,7 +94,7 @@ def test_load_settings_refuses_reserved_prefix() -> None:
 
 
 def test_load_settings_redis_needs_secret_key() -> None:
-    with pytest.raises(ConfigError, match="session.secret_key"):
+    with pytest.raises(ConfigError, match=r"session\.secret_key"):
         load_settings(None, **{**BASE, "session": {"store": "redis"}})
 
 
