@@ -137,7 +137,7 @@ class Gateway:
         for name, close in steps:
             try:
                 await close()
-            except Exception as exc:  # noqa: BLE001 - shutdown goes on
+            except Exception as exc:  # shutdown goes on whatever failed
                 logger.warning("closing the %s failed: %s", name, type(exc).__name__)
 
     async def end_session(self, session_id: str, *, revoke: bool = False) -> Any:

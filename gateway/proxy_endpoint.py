@@ -106,9 +106,7 @@ def _plain_path(raw_path: str) -> str:
     return normalize_path(raw_path)
 
 
-async def bearer_for(
-    gw: Gateway, route: Route, session: Session, method: str, scope: Scope
-) -> str:
+async def bearer_for(gw: Gateway, route: Route, session: Session, method: str, scope: Scope) -> str:
     """The anti-CSRF check (unless the route opts out), then the route's access token.
 
     One policy for a token, shared by this proxy and forward-auth (whose ``scope`` carries the
