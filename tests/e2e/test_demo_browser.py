@@ -21,24 +21,12 @@ from demo.apis import DEMO_APIS, create_api
 from demo.run import demo_settings
 from gateway import create_app
 
+from .browser import TIMEOUT_MS, launch_chromium
 from .servers import API, BILLING, CLIENT_SECRET, IdpProcess, reserve_socket, run_asgi
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
-# Playwright already gives every launch a fresh, temporary --user-data-dir.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-component-update",
-    "--disable-sync",
-]
-TIMEOUT_MS = 15_000
 USER = "alice"
 
 
@@ -74,14 +62,10 @@ async def call_api(page: Page, name: str) -> dict[str, Any]:
 
 
 async def test_demo_page_login_call_each_api_logout_in_chromium(idp: IdpProcess) -> None:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/install (apt-get install chromium)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with demo_stack(idp) as base_url:
         async with async_playwright() as playwright:
-            browser = await playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-            )
+            browser = await launch_chromium(playwright)
             page = await browser.new_page(viewport={"width": 1200, "height": 900})
             page.set_default_timeout(TIMEOUT_MS)
             # Script errors and CSP refusals; the expected 401/403 answers log "Failed to load".

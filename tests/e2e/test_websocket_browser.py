@@ -9,30 +9,17 @@ test fails rather than skips.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.async_api import Page, async_playwright
 
+from .browser import TIMEOUT_MS, launch_chromium
 from .gateway_harness import run_gateway, start_upstreams
 from .servers import API, IdpProcess, start_ws_upstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-CHROMIUM = Path("/usr/bin/chromium")
-# Playwright already gives every launch a fresh, temporary --user-data-dir.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-component-update",
-    "--disable-sync",
-]
-TIMEOUT_MS = 15_000
 USER = "alice"
 
 # Runs in the page: open a socket, echo text and binary, then ask the upstream to close.
@@ -104,8 +91,6 @@ async def login(page: Page, base_url: str, idp: IdpProcess) -> None:
 
 
 async def test_chromium_websocket_through_the_gateway(idp: IdpProcess) -> None:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/install (apt-get install chromium)")
     with (
         start_ws_upstream(issuer=idp.issuer, audience=API) as ws_upstream,
         start_upstreams(idp) as upstreams,
@@ -125,9 +110,7 @@ async def test_chromium_websocket_through_the_gateway(idp: IdpProcess) -> None:
         ) as gw:
             ws_base = gw.base_url.replace("http://", "ws://", 1)
             async with async_playwright() as playwright:
-                browser = await playwright.chromium.launch(
-                    executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-                )
+                browser = await launch_chromium(playwright)
                 try:
                     context = await browser.new_context()
                     tab = await context.new_page()
