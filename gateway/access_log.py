@@ -41,8 +41,16 @@ def _incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
 class AccessLogMiddleware:
     """Outermost gateway middleware: sees every request and its final status."""
 
-    def __init__(self, app: ASGIApp, *, metrics: GatewayMetrics, settings: LogSettings) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: GatewayMetrics,
+        settings: LogSettings,
+        user_key: bytes = b"",
+    ) -> None:
         self.app = app
+        self._user_key = user_key
         self._metrics = metrics
         self._log_enabled = settings.access_log
         self._user_mode = settings.user
@@ -99,7 +107,7 @@ class AccessLogMiddleware:
             "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None,
             "duration_ms": round(seconds * 1000, 1),
         }
-        user = user_for_log(context.sub, self._user_mode)
+        user = user_for_log(context.sub, self._user_mode, self._user_key)
         if user is not None:
             extra["user"] = user
         access_logger.info(

@@ -9,6 +9,7 @@ another app (Starlette does not run a mounted app's lifespan).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -69,6 +70,10 @@ class Gateway:
             )
             keys = [secrets.token_urlsafe(48)]
         self.cipher = SessionCipher(keys)
+        # Keys the access log's user hash (observability.user_for_log).
+        self.log_user_key = hashlib.sha256(
+            b"mrrt-gateway access-log user v1" + keys[0].encode()
+        ).digest()
         self.store = create_store(settings, self.cipher)
         self.sessions = SessionManager(settings, self.store, self.cipher)
         self.idp_http = httpx.AsyncClient(
@@ -204,7 +209,12 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         routes=routes,
         # Outermost first. AccessLogMiddleware: request id in/out, metrics, access log.
         middleware=[
-            Middleware(AccessLogMiddleware, metrics=gateway.metrics, settings=settings.log),
+            Middleware(
+                AccessLogMiddleware,
+                metrics=gateway.metrics,
+                settings=settings.log,
+                user_key=gateway.log_user_key,
+            ),
             # nosniff, no-referrer, DENY framing, CSP, no-store on /auth: gateway answers only.
             Middleware(SecurityHeadersMiddleware, https=settings.is_https),
             # Innermost: proxied paths skip the router (a static site keeps it: it relies on

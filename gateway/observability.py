@@ -8,6 +8,7 @@ context variable, so every line logged while serving a request carries it.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -60,13 +61,20 @@ def valid_request_id(value: bytes) -> str | None:
     return value.decode("ascii") if _VALID_REQUEST_ID.fullmatch(value) else None
 
 
-def user_for_log(sub: str | None, mode: Literal["hashed", "omit", "plain"]) -> str | None:
-    """The user as the access log shows it: a SHA-256 prefix of ``sub`` by default."""
+def user_for_log(
+    sub: str | None, mode: Literal["hashed", "omit", "plain"], key: bytes = b""
+) -> str | None:
+    """The user as the access log shows it: a keyed hash of ``sub`` by default.
+
+    Keyed (HMAC-SHA256 with a key derived from the session secret) so that a guessable ``sub``
+    such as an e-mail address cannot be recovered from the logs by hashing candidates; the same
+    user still gets the same value on every instance that shares the secret.
+    """
     if sub is None or mode == "omit":
         return None
     if mode == "plain":
         return sub
-    return hashlib.sha256(sub.encode()).hexdigest()[:16]
+    return hmac.new(key, sub.encode(), hashlib.sha256).hexdigest()[:16]
 
 
 class JSONFormatter(logging.Formatter):

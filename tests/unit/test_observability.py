@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import re
@@ -105,7 +106,7 @@ def test_valid_request_id_refuses_long_or_unsafe_ids(value: str) -> None:
 @pytest.mark.parametrize(
     ("mode", "expected"),
     [
-        ("hashed", hashlib.sha256(b"auth0|alice").hexdigest()[:16]),
+        ("hashed", hmac.new(b"", b"auth0|alice", hashlib.sha256).hexdigest()[:16]),
         ("plain", "auth0|alice"),
         ("omit", None),
     ],
@@ -113,6 +114,13 @@ def test_valid_request_id_refuses_long_or_unsafe_ids(value: str) -> None:
 def test_user_for_log_modes(mode: Any, expected: str | None) -> None:
     assert user_for_log("auth0|alice", mode) == expected
     assert user_for_log(None, mode) is None
+
+
+def test_user_for_log_hash_depends_on_the_key() -> None:
+    one = user_for_log("alice@example.com", "hashed", b"key-one")
+    two = user_for_log("alice@example.com", "hashed", b"key-two")
+    assert one is not None and two is not None and one != two
+    assert hashlib.sha256(b"alice@example.com").hexdigest()[:16] not in (one, two)
 
 
 async def test_request_id_generated_when_missing_then_returned_and_seen_inside() -> None:
@@ -170,7 +178,7 @@ async def test_access_log_line_is_json_with_request_fields_and_no_query(
     assert line["request_id"] == "rid-1" and line["method"] == "GET"
     assert line["route"] == "api" and line["status"] == 200
     assert line["upstream_ms"] == 2.0 and line["duration_ms"] >= 0
-    assert line["user"] == hashlib.sha256(b"alice").hexdigest()[:16]
+    assert line["user"] == user_for_log("alice", "hashed")  # default key in this middleware
     text = json.dumps(line)
     assert "secret" not in text and "/orders" not in text
     assert _metric(metrics, "gateway_requests_total", route="api", status="200") == 1
