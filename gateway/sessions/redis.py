@@ -38,6 +38,7 @@ from redis.exceptions import RedisError
 
 from ..crypto import DecryptionFailed, SessionCipher
 from ..errors import ConfigError, SessionStoreUnavailable
+from . import _redis_scripts as scripts
 from .base import CachedToken, Session
 
 if TYPE_CHECKING:
@@ -46,69 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["RedisSessionStore"]
 
 logger = logging.getLogger(__name__)
-
-# Fencing: a holder of the refresh lock writes only while the lock is still its own, and nobody
-# writes a session older (by refresh-token rotation) than the stored one. Atomic in one script.
-# Each save also drops up to two members of each index whose session is gone, which keeps the
-# sets near the number of live sessions (the script builds those keys from the prefix: the store
-# is for standalone Redis, not Cluster).
-# KEYS: sess, tok, lock, idx...
-# ARGV: ciphertext, idle deadline, ttl ms, id, token, rt_version, prefix
-_SAVE = """
-if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[5] then return -1 end
-local stored = redis.call('HGET', KEYS[1], 'rtv')
-if stored and tonumber(stored) > tonumber(ARGV[6]) then return -2 end
-redis.call('HSET', KEYS[1], 'd', ARGV[1], 'exp', ARGV[2], 'rtv', ARGV[6])
-redis.call('HDEL', KEYS[1], 'seen')
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-for i = 4, #KEYS do
-  for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[i], 2)) do
-    if redis.call('EXISTS', ARGV[7] .. 'sess:' .. member) == 0 then
-      redis.call('SREM', KEYS[i], member)
-    end
-  end
-  redis.call('SADD', KEYS[i], ARGV[4])
-  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
-    redis.call('PEXPIRE', KEYS[i], ARGV[3])
-  end
-end
-return 1
-"""
-
-# KEYS: sess, tok, idx...  ARGV: now, idle deadline, ttl ms. Never revives an expired session.
-_TOUCH = """
-local deadline = redis.call('HGET', KEYS[1], 'exp')
-if not deadline or tonumber(deadline) <= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'exp', ARGV[2], 'seen', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-for i = 3, #KEYS do
-  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
-    redis.call('PEXPIRE', KEYS[i], ARGV[3])
-  end
-end
-return 1
-"""
-
-# KEYS: sess, tok  ARGV: field, ciphertext. Tokens live exactly as long as their session.
-_PUT_TOKEN = """
-local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -2 then return 0 end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-return 1
-"""
-
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
 
 _RETRY_AFTER = 2
 _LOCK_POLL_MIN = 0.005
@@ -177,11 +115,11 @@ class RedisSessionStore:
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         self._redis = Redis.from_pool(pool)
-        self._save_script = self._redis.register_script(_SAVE)
-        self._touch_script = self._redis.register_script(_TOUCH)
-        self._put_token_script = self._redis.register_script(_PUT_TOKEN)
-        self._release_script = self._redis.register_script(_RELEASE)
-        self._renew_script = self._redis.register_script(_RENEW)
+        self._save_script = self._redis.register_script(scripts.SAVE)
+        self._touch_script = self._redis.register_script(scripts.TOUCH)
+        self._put_token_script = self._redis.register_script(scripts.PUT_TOKEN)
+        self._release_script = self._redis.register_script(scripts.RELEASE)
+        self._renew_script = self._redis.register_script(scripts.RENEW)
         self._local_locks: dict[str, _LocalLock] = {}
         self._held: dict[str, str] = {}
         self._renewals: set[asyncio.Task[None]] = set()

@@ -1,0 +1,66 @@
+"""Lua scripts of the Redis session store: each one multi-key update is atomic in Redis."""
+
+from __future__ import annotations
+
+# Fencing: a holder of the refresh lock writes only while the lock is still its own, and nobody
+# writes a session older (by refresh-token rotation) than the stored one. Atomic in one script.
+# Each save also drops up to two members of each index whose session is gone, which keeps the
+# sets near the number of live sessions (the script builds those keys from the prefix: the store
+# is for standalone Redis, not Cluster).
+# KEYS: sess, tok, lock, idx...
+# ARGV: ciphertext, idle deadline, ttl ms, id, token, rt_version, prefix
+SAVE = """
+if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[5] then return -1 end
+local stored = redis.call('HGET', KEYS[1], 'rtv')
+if stored and tonumber(stored) > tonumber(ARGV[6]) then return -2 end
+redis.call('HSET', KEYS[1], 'd', ARGV[1], 'exp', ARGV[2], 'rtv', ARGV[6])
+redis.call('HDEL', KEYS[1], 'seen')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+for i = 4, #KEYS do
+  for _, member in ipairs(redis.call('SRANDMEMBER', KEYS[i], 2)) do
+    if redis.call('EXISTS', ARGV[7] .. 'sess:' .. member) == 0 then
+      redis.call('SREM', KEYS[i], member)
+    end
+  end
+  redis.call('SADD', KEYS[i], ARGV[4])
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  end
+end
+return 1
+"""
+
+# KEYS: sess, tok, idx...  ARGV: now, idle deadline, ttl ms. Never revives an expired session.
+TOUCH = """
+local deadline = redis.call('HGET', KEYS[1], 'exp')
+if not deadline or tonumber(deadline) <= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'exp', ARGV[2], 'seen', ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+for i = 3, #KEYS do
+  if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[i], ARGV[3])
+  end
+end
+return 1
+"""
+
+# KEYS: sess, tok  ARGV: field, ciphertext. Tokens live exactly as long as their session.
+PUT_TOKEN = """
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -2 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""
+
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
