@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,7 +30,12 @@ from .access_log import AccessLogMiddleware
 from .auth_routes import AuthEndpoints
 from .connections import ConnectionRegistry
 from .crypto import SessionCipher
-from .errors import GatewayError, handle_gateway_error, handle_unexpected_error
+from .errors import (
+    GatewayError,
+    IdentityProviderUnavailable,
+    handle_gateway_error,
+    handle_unexpected_error,
+)
 from .forward_auth import ForwardAuthEndpoint
 from .metrics import GatewayMetrics
 from .oidc import OIDCClient
@@ -46,6 +52,8 @@ from .tokens import TokenBroker
 from .websocket import WebSocketRelay
 
 logger = logging.getLogger("gateway")
+
+_START_RETRY_SECONDS = 3  # a failed start (IdP unreachable) is retried this long afterwards
 
 
 def create_store(settings: Settings, cipher: SessionCipher) -> SessionStore:
@@ -108,17 +116,36 @@ class Gateway:
         self.csrf_header = settings.csrf.header.lower().encode()
         self._started = False
         self._start_lock = asyncio.Lock()
+        self._start_failure: tuple[float, GatewayError | None] = (0.0, None)
 
-    async def ensure_started(self) -> None:
-        """Fetch discovery and JWKS once; a failure is retried on the next request."""
+    async def ensure_started(self, *, fresh: bool = False) -> None:
+        """Fetch discovery and JWKS once.
+
+        A failure is remembered for a few seconds: requests queued behind a failing attempt
+        answer 503 at once instead of each retrying an unreachable IdP in turn. ``fresh``
+        (readiness probes) always tries again.
+        """
         if self._started:
             return
         async with self._start_lock:
-            if not self._started:
+            if self._started:
+                return
+            failed_at, failure = self._start_failure
+            recent = time.monotonic() - failed_at < _START_RETRY_SECONDS
+            if failure is not None and recent and not fresh:
+                if isinstance(failure, IdentityProviderUnavailable):
+                    raise IdentityProviderUnavailable(
+                        failure.message, retry_after=_START_RETRY_SECONDS
+                    )
+                raise type(failure)(failure.message)
+            try:
                 await self.session_events.start(self.connections.close_session)
                 await self.oidc.metadata()
                 await self.oidc.refresh_jwks()
-                self._started = True
+            except GatewayError as exc:
+                self._start_failure = (time.monotonic(), exc)
+                raise
+            self._started = True
 
     async def startup(self) -> None:
         self.metrics_port = self.metrics.start_listener(self.settings.metrics)
@@ -173,7 +200,7 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
     async def readyz(request: Request) -> Response:
         checks: dict[str, str] = {}
         try:
-            await gateway.ensure_started()
+            await gateway.ensure_started(fresh=True)
             checks["idp"] = "ok"
         except GatewayError as exc:
             checks["idp"] = exc.error

@@ -14,13 +14,13 @@ from .backchannel import process_logout_token, read_logout_token
 from .errors import CSRFCheckFailed, GatewayError, LoginFailed, LoginRequired
 from .oidc import pkce_challenge
 from .security import check_csrf, new_secret_token, tokens_equal, validate_return_to
+from .sessions.manager import LOGIN_TTL
 
 if TYPE_CHECKING:
     from .app import Gateway
 
 logger = logging.getLogger("gateway.auth")
 
-_LOGIN_TTL = 600.0
 _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
 # ID-token claims worth showing to the SPA on /auth/me; the rest stays server side.
 _PUBLIC_CLAIMS = (
@@ -68,7 +68,7 @@ class AuthEndpoints:
             new_secret_token() + new_secret_token(),
         )
         await gw.store.put_login(
-            state, {"nonce": nonce, "verifier": verifier, "return_to": return_to}, ttl=_LOGIN_TTL
+            state, {"nonce": nonce, "verifier": verifier, "return_to": return_to}, ttl=LOGIN_TTL
         )
         url = await gw.oidc.authorize_url(
             state=state, nonce=nonce, code_challenge=pkce_challenge(verifier)
@@ -119,9 +119,12 @@ class AuthEndpoints:
 
     async def logout(self, request: Request) -> Response:
         """End the session here and at the IdP: revoke the refresh token, drop the session and
-        its tokens, clear the cookie, then send the browser to the IdP's logout."""
+        its tokens, clear the cookie, then send the browser to the IdP's logout.
+
+        Works while the IdP is down: the session still ends here (revocation is best effort
+        and the browser then goes to post_logout_redirect_url).
+        """
         gw = self._gw
-        await gw.ensure_started()
         header = request.headers.get(gw.settings.csrf.header)
         if header is not None:
             check_csrf(
@@ -153,9 +156,8 @@ class AuthEndpoints:
         return _no_store(response)
 
     async def me(self, request: Request) -> Response:
-        """The user, the session's expiry and the routes the SPA may call."""
+        """The user, the session's expiry and the routes the SPA may call (no IdP needed)."""
         gw = self._gw
-        await gw.ensure_started()
         session = await gw.sessions.current(request.headers.get("cookie"))
         if session is None:
             raise LoginRequired("no valid session", login_url=gw.login_url)

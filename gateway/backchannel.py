@@ -60,7 +60,7 @@ async def read_logout_token(request: Request, *, limit: int = MAX_BODY_BYTES) ->
     if content_type != _FORM:
         raise InvalidLogoutToken(f"the body must be {_FORM}")
     length = request.headers.get("content-length", "")
-    if length.isdigit() and int(length) > limit:
+    if length.isascii() and length.isdigit() and int(length) > limit:
         raise PayloadTooLarge(f"the request body is over {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():

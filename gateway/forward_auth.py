@@ -87,7 +87,10 @@ def _split_target(value: str, *, absolute: bool = False) -> tuple[str, str]:
     if len(value) > _MAX_URI or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         raise Forbidden("the original URI is too long or has control characters")
     if absolute and not value.startswith("/"):
-        parts = urlsplit(value)
+        try:
+            parts = urlsplit(value)
+        except ValueError:  # e.g. "http://[x/": a malformed IPv6 host
+            raise Forbidden("the original URL is malformed") from None
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise Forbidden("the original URL is not an absolute http(s) URL")
         return parts.path or "/", parts.query

@@ -147,10 +147,6 @@ class OIDCClient:
         assert self._metadata is not None
         return self._metadata
 
-    @property
-    def is_ready(self) -> bool:
-        return self._metadata is not None and self._jwks is not None
-
     async def signing_key(self, kid: str | None) -> jwt.PyJWK:
         """The JWKS key for ``kid``; refetches the JWKS (rate-limited) on an unknown kid."""
         key = self._find_key(kid)
@@ -421,7 +417,7 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
 
 def _retry_after(response: httpx.Response, default: int = 5) -> int:
     value = response.headers.get("retry-after", "")
-    return int(value) if value.isdigit() else default
+    return int(value) if value.isascii() and value.isdigit() else default
 
 
 def _as_str(value: object) -> str | None:

@@ -227,7 +227,6 @@ class ProxyEndpoint:
         gw = self._gw
         context = request_context(scope)
         context.route = UNMATCHED_ROUTE  # until a configured route matches
-        await gw.ensure_started()
         raw_path = scope.get("raw_path") or scope["path"].encode()
         path = _plain_path(raw_path.decode("latin-1"))
         route = gw.routes.match(path)
@@ -240,6 +239,7 @@ class ProxyEndpoint:
         bearer: str | None = None
         session_id: str | None = None  # streamed answers end with the session (connections.py)
         if route.needs_token:
+            await gw.ensure_started()  # `auth: none` routes work while the IdP is down
             session = await gw.sessions.current(found.get(b"cookie"))
             if session is None:
                 if method == "GET" and "text/html" in (found.get(b"accept") or ""):

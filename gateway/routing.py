@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from .errors import InvalidPath
 from .settings import RouteSettings
+
+# Percent-encoded unreserved characters (RFC 3986 §2.3) mean the same as the characters
+# themselves (§6.2.2.2), and upstreams decode them: `/ap%69/` must be matched as `/api/`.
+_ENCODED_UNRESERVED = re.compile(r"%(2[dD]|2[eE]|3[0-9]|[46][1-9a-fA-F]|[57][0-9aA]|5[fF]|7[eE])")
+
+
+def _decode_unreserved(segment: str) -> str:
+    return _ENCODED_UNRESERVED.sub(lambda m: chr(int(m.group(1), 16)), segment)
 
 
 def normalize_path(raw_path: str) -> str:
@@ -15,7 +24,8 @@ def normalize_path(raw_path: str) -> str:
     Segments are judged after percent-decoding, so ``%2e%2e`` counts as ``..``; a segment that
     decodes to a slash or backslash, a NUL or control character, or a ``..`` climbing above the
     root is refused: each is a known way to make an upstream resolve a path outside the route.
-    The result keeps its original encoding otherwise.
+    Encoded unreserved characters are decoded, so routes match what the upstream will see;
+    the result keeps its original encoding otherwise.
     """
     if not raw_path.startswith("/"):
         raise InvalidPath("the path must start with /")
@@ -45,7 +55,7 @@ def normalize_path(raw_path: str) -> str:
             if last:
                 out.append("")
             continue
-        out.append(segment)
+        out.append(_decode_unreserved(segment) if "%" in segment else segment)
     return "/" + "/".join(out)
 
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-# Fencing: a holder of the refresh lock writes only while the lock is still its own, and nobody
-# writes a session older (by refresh-token rotation) than the stored one. Atomic in one script.
+# A rotated session (rt_version > 0) never recreates a deleted one: a logout during an
+# exchange must stay a logout. Fencing: a holder of the refresh lock writes only while the lock
+# is still its own, and nobody writes a session older (by refresh-token rotation) than the
+# stored one. Atomic in one script.
 # Each save also drops up to two members of each index whose session is gone, which keeps the
 # sets near the number of live sessions (the script builds those keys from the prefix: the store
 # is for standalone Redis, not Cluster).
 # KEYS: sess, tok, lock, idx...
 # ARGV: ciphertext, idle deadline, ttl ms, id, token, rt_version, prefix
 SAVE = """
+if tonumber(ARGV[6]) > 0 and redis.call('EXISTS', KEYS[1]) == 0 then return -3 end
 if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[5] then return -1 end
 local stored = redis.call('HGET', KEYS[1], 'rtv')
 if stored and tonumber(stored) > tonumber(ARGV[6]) then return -2 end

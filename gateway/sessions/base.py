@@ -72,7 +72,12 @@ class SessionStore(Protocol):
     idle_timeout: float
 
     async def save(self, session: Session) -> None:
-        """Create or replace; expires at min(now + idle_timeout, absolute_expiry)."""
+        """Create or replace; expires at min(now + idle_timeout, absolute_expiry).
+
+        A session with ``rt_version > 0`` (a rotated refresh token) only replaces one that
+        still exists: if it was deleted meanwhile (logout during an exchange), raise
+        LoginRequired rather than bring it back.
+        """
 
     async def load(self, session_id: str) -> Session | None:
         """The live session, or None when missing, idle-expired or past its absolute expiry."""

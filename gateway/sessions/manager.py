@@ -23,7 +23,7 @@ from ..settings import Settings
 from .base import Session, SessionStore
 
 _MAX_COOKIE_LEN = 256
-LOGIN_COOKIE_TTL = 600
+LOGIN_TTL = 600  # a login must finish within this; its cookie and pending state expire
 # Cookie headers already verified -> their session id (see ``session_id_from_cookie``).
 _VERIFIED_MAX = 4096
 _VERIFIED_HEADER_MAX = 2048
@@ -148,7 +148,7 @@ class SessionManager:
             self.login_cookie_name,
             state,
             https=self._https,
-            max_age=LOGIN_COOKIE_TTL,
+            max_age=LOGIN_TTL,
             samesite="lax",
         )
 

@@ -8,7 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from ..errors import LoginRequired
 from .base import CachedToken, Session
+
+MAX_PENDING_LOGINS = 100_000
 
 
 class MemorySessionStore:
@@ -32,6 +35,8 @@ class MemorySessionStore:
         return min(self._clock() + self.idle_timeout, session.absolute_expiry)
 
     async def save(self, session: Session) -> None:
+        if session.rt_version > 0 and session.id not in self._sessions:
+            raise LoginRequired("the session has ended")
         self._sessions[session.id] = (session, self._deadline(session))
         self._writes += 1
         if self._writes % 1024 == 0:
@@ -96,6 +101,9 @@ class MemorySessionStore:
         self._logins[state] = (data, self._clock() + ttl)
         if len(self._logins) % 256 == 0:
             self._sweep()
+        # Anyone can start logins: past the cap the oldest pending ones go (bounded memory).
+        while len(self._logins) > MAX_PENDING_LOGINS:
+            del self._logins[next(iter(self._logins))]
 
     async def pop_login(self, state: str) -> dict[str, Any] | None:
         entry = self._logins.pop(state, None)

@@ -8,7 +8,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,10 +27,10 @@ from gateway.observability import (
     user_for_log,
     valid_request_id,
 )
-from gateway.proxy import UpstreamResponse
 from gateway.settings import LogSettings
 
 from .conftest import DISCOVERY, jwks, make_settings
+from .fakes import RecordingUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -349,38 +349,6 @@ def test_configure_logging_installs_one_handler(
 
 
 # -- the whole app: the id and traceparent reach the upstream ---------------------------------
-
-
-class RecordingUpstream:
-    """An UpstreamClient that answers 200 and records the headers it was asked to send."""
-
-    def __init__(self) -> None:
-        self.sent: list[list[tuple[str, str]]] = []
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
-        *,
-        timeout: float,
-        route: str,
-    ) -> UpstreamResponse:
-        self.sent.append(headers)
-
-        async def chunks() -> AsyncIterator[bytes]:
-            yield b"ok"
-
-        return UpstreamResponse(200, ((b"Content-Length", b"2"),), chunks(), _Released())  # type: ignore[arg-type]
-
-    async def close(self) -> None:
-        return None
-
-
-class _Released:
-    def release(self) -> None:
-        return None
 
 
 async def test_gateway_forwards_request_id_and_traceparent_untouched(

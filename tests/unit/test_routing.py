@@ -20,7 +20,10 @@ NORMALISED = [
     ("/api/x/../orders", "/api/orders"),
     ("/api/%2e%2e/billing", "/billing"),
     ("/api/orders/.", "/api/orders/"),
-    ("/api/orders/%41", "/api/orders/%41"),
+    ("/api/orders/%41", "/api/orders/A"),
+    ("/ap%69/orders", "/api/orders"),
+    ("/api/a%20b%2Fc"[:-4] + "%7e%2d%5F", "/api/a%20b~-_"),
+    ("/api/%e2%82%ac", "/api/%e2%82%ac"),
     ("/", "/"),
 ]
 

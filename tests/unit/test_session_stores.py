@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from gateway.errors import LoginRequired
 from gateway.sessions import CachedToken, MemorySessionStore, Session, SessionStore
 from tests.unit.test_redis_store import redis_store
 
@@ -157,6 +158,31 @@ async def test_store_expired_token_not_returned(
     await store.put_token(session.id, "k", CachedToken("at", clock.now + 5, "https://api"))
     clock.now += 6
     assert await store.get_token(session.id, "k") is None
+
+
+async def test_memory_store_caps_pending_logins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.sessions.memory.MAX_PENDING_LOGINS", 10)
+    store = MemorySessionStore(idle_timeout=IDLE)
+    for i in range(25):
+        await store.put_login(f"state{i}", {"i": str(i)}, ttl=600)
+    assert await store.pop_login("state0") is None  # the oldest went first
+    assert await store.pop_login("state24") == {"i": "24"}
+
+
+async def test_store_rotated_save_never_revives_a_deleted_session(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    # A logout (delete) while a refresh is in flight: the rotated refresh token must not
+    # bring the session back.
+    store, clock = store_and_clock
+    session = make_session(clock)
+    await store.save(session)
+    await store.delete(session.id)
+    rotated = make_session(clock)
+    rotated.refresh_token, rotated.rt_version = "rt-rotated", 1
+    with pytest.raises(LoginRequired):
+        await store.save(rotated)
+    assert await store.load(session.id) is None
 
 
 async def test_store_pop_login_is_single_use(
