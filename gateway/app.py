@@ -102,7 +102,7 @@ class Gateway:
             store=self.store,
             settings=settings.tokens,
             metrics=self.metrics,
-            on_session_ended=self.session_ended,
+            on_session_ended=self.end_session,
         )
         self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient()
         self.websockets = WebSocketRelay(self)

@@ -209,6 +209,9 @@ class ProxyEndpoint:
         try:
             await self._handle(scope, receive, send)
         except GatewayError as exc:
+            if isinstance(exc, LoginRequired):
+                # Every 401 tells the SPA where to go (also when the broker raised it).
+                exc.extra.setdefault("login_url", self._gw.login_url)
             await render_error(exc)(scope, receive, send)
         except ClientDisconnected:
             return

@@ -14,6 +14,7 @@ The order of operations is the product (DESIGN.md §2):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -43,34 +44,51 @@ _REFUSAL_TTL = 30.0  # a refused audience is not asked for again this soon
 CacheKey = tuple[str, str, str]
 
 
-class _TokenCache(dict[CacheKey, CachedToken]):
+class _TokenCache:
     """This process's access tokens: a plain dict, because it is read on every proxied request
     (~0.1 µs a lookup where cachetools' TLRUCache takes ~2 µs). ``get`` hides expired tokens;
-    writes sweep expired ones every 1,024 writes and, when still over ``maxsize``, drop the
-    oldest entries first."""
+    every 1,024 writes sweep expired ones; past ``maxsize`` the oldest entry goes (O(1)). A
+    per-session index makes ``forget`` (logout) cost what that session holds, not the cache."""
 
     def __init__(self, maxsize: int, clock: Callable[[], float]) -> None:
-        super().__init__()
+        self._tokens: dict[CacheKey, CachedToken] = {}
+        self._by_session: dict[str, set[CacheKey]] = {}
         self._maxsize = maxsize
         self._clock = clock
         self._writes = 0
 
-    def get(self, key: CacheKey, default: CachedToken | None = None) -> CachedToken | None:  # type: ignore[override]
-        token = dict.get(self, key)
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def get(self, key: CacheKey) -> CachedToken | None:
+        token = self._tokens.get(key)
         if token is None or token.expires_at <= self._clock():
-            return default
+            return None
         return token
 
-    def __setitem__(self, key: CacheKey, token: CachedToken) -> None:
-        self.pop(key, None)  # a refreshed token moves to the young end
-        super().__setitem__(key, token)
+    def put(self, key: CacheKey, token: CachedToken) -> None:
+        self._tokens.pop(key, None)  # a refreshed token moves to the young end
+        self._tokens[key] = token
+        self._by_session.setdefault(key[0], set()).add(key)
         self._writes += 1
-        if self._writes % 1024 == 0 or len(self) > self._maxsize:
+        if self._writes % 1024 == 0:
             now = self._clock()
-            for old in [k for k, v in self.items() if v.expires_at <= now]:
-                del self[old]
-            while len(self) > self._maxsize:
-                del self[next(iter(self))]
+            for old in [k for k, v in self._tokens.items() if v.expires_at <= now]:
+                self._drop(old)
+        while len(self._tokens) > self._maxsize:
+            self._drop(next(iter(self._tokens)))
+
+    def forget(self, session_id: str) -> None:
+        for key in self._by_session.pop(session_id, ()):
+            self._tokens.pop(key, None)
+
+    def _drop(self, key: CacheKey) -> None:
+        self._tokens.pop(key, None)
+        keys = self._by_session.get(key[0])
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._by_session[key[0]]
 
 
 class TokenBroker:
@@ -87,16 +105,24 @@ class TokenBroker:
         on_session_ended: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self._oidc = oidc
-        self._on_session_ended = on_session_ended  # closes the session's open connections
+        # Ends a session whose refresh token the IdP rejected (Gateway.end_session: delete,
+        # forget cached tokens, close open connections on every instance).
+        self._on_session_ended = on_session_ended
         self._metrics = metrics if metrics is not None else GatewayMetrics()
         self._store = store
         self._skew = settings.skew
         self._allow_opaque = settings.allow_opaque
         self._clock = clock
         self._cache = _TokenCache(settings.cache_size, clock)
-        self._refusals: TLRUCache[CacheKey, GatewayError] = TLRUCache(
+        # Refusals are remembered as (class, message), never as the exception object: one
+        # raised again and again would grow its traceback (and keep every frame's locals).
+        self._refusals: TLRUCache[CacheKey, tuple[type[GatewayError], str]] = TLRUCache(
             maxsize=10_000, ttu=lambda _k, _v, now: now + _REFUSAL_TTL, timer=clock
         )
+        # After the IdP failed (down, 5xx, 429), no exchange is tried until this time: queued
+        # requests answer 503 (or use a still-valid token) instead of each timing out in turn.
+        self._idp_down_until = 0.0
+        self._idp_down_message = ""
         self.exchanges = 0  # refresh-token grants sent (observability, tests)
 
     async def access_token(self, session: Session, route: Route) -> str:
@@ -112,12 +138,12 @@ class TokenBroker:
         refusal = self._refusals.get(key)
         if refusal is not None:
             self._metrics.cache_hit_refused.inc()
-            raise refusal
+            raise refusal[0](refusal[1])
         store_key = f"{audience} {key[2]}"
         shared = await self._store.get_token(session.id, store_key)
         if shared is not None and now < self._due(shared):
             self._metrics.cache_hit_shared.inc()
-            self._cache[key] = shared
+            self._cache.put(key, shared)
             return shared.access_token
         self._metrics.cache_miss.inc()
 
@@ -130,41 +156,53 @@ class TokenBroker:
                 cached = await self._store.get_token(session.id, store_key) or cached
             if cached is not None and now < self._due(cached):
                 self._metrics.token_coalesced.inc()
-                self._cache[key] = cached
+                self._cache.put(key, cached)
                 return cached.access_token
-            current = await self._store.load(session.id)
-            if current is None:
-                raise LoginRequired("the session has ended")
             try:
+                if now < self._idp_down_until:
+                    raise IdentityProviderUnavailable(
+                        self._idp_down_message,
+                        retry_after=math.ceil(self._idp_down_until - now),
+                    )
+                current = await self._store.load(session.id)
+                if current is None:
+                    raise LoginRequired("the session has ended")
                 answer = await self._exchange(current, audience, scopes)
-            except (AudienceNotPermitted, InsufficientScope) as exc:
-                self._refusals[key] = exc  # the IdP said no: do not ask again for a while
+                try:
+                    token = self._checked(answer, audience=audience, scopes=scopes, now=now)
+                except GatewayError as exc:
+                    self._metrics.exchange_failed(audience, exc)
+                    raise
+            except (AudienceNotPermitted, InsufficientScope, LoginRequired) as exc:
+                # The IdP said no (or wants an interaction): do not ask again for a while.
+                if not isinstance(exc, RefreshTokenRejected):
+                    self._refusals[key] = (type(exc), exc.message)
                 raise
-            except IdentityProviderUnavailable:
-                if cached is not None and now < cached.expires_at:
+            except IdentityProviderUnavailable as exc:
+                later = self._clock()  # the IdP call may have taken up to its timeout
+                self._idp_down_until = max(self._idp_down_until, later + min(exc.retry_after, 60))
+                self._idp_down_message = exc.message
+                if cached is not None and later < cached.expires_at:
                     logger.warning(
                         "identity provider unavailable; serving a cached token for %s", route.name
                     )
                     return cached.access_token
                 raise
-            try:
-                token = self._checked(answer, audience=audience, scopes=scopes, now=now)
-            except (AudienceNotPermitted, InsufficientScope) as exc:
-                self._metrics.exchange_failed(audience, exc)
-                self._refusals[key] = exc
-                raise
-            except GatewayError as exc:
-                self._metrics.exchange_failed(audience, exc)
-                raise
             self._metrics.exchange_ok(audience)
-            self._cache[key] = token
+            self._cache.put(key, token)
             await self._store.put_token(session.id, store_key, token)
             return token.access_token
 
     def forget(self, session_id: str) -> None:
         """Drop this process's cached tokens of a session (logout)."""
-        for key in [k for k in list(self._cache.keys()) if k[0] == session_id]:
-            self._cache.pop(key, None)
+        self._cache.forget(session_id)
+
+    async def _end_session(self, session_id: str) -> None:
+        if self._on_session_ended is not None:
+            await self._on_session_ended(session_id)
+        else:
+            await self._store.delete(session_id)
+            self.forget(session_id)
 
     def _due(self, token: CachedToken) -> float:
         """When a token is due: ``skew`` before expiry, but never before half its life, so that
@@ -181,10 +219,7 @@ class TokenBroker:
         except RefreshTokenRejected as exc:
             self._metrics.exchange_failed(audience, exc)
             # The refresh token is dead (expired, revoked, reuse detected): so is the session.
-            await self._store.delete(session.id)
-            self.forget(session.id)
-            if self._on_session_ended is not None:
-                await self._on_session_ended(session.id)
+            await self._end_session(session.id)
             raise
         except GatewayError as exc:
             self._metrics.exchange_failed(audience, exc)

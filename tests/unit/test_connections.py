@@ -177,8 +177,9 @@ async def test_broker_invalid_grant_reports_the_session_ended() -> None:
     await store.save(session)
     ended: list[str] = []
 
-    async def on_ended(session_id: str) -> None:
+    async def on_ended(session_id: str) -> None:  # what Gateway.end_session does, in short
         ended.append(session_id)
+        await store.delete(session_id)
 
     async with httpx.AsyncClient() as http:
         broker = TokenBroker(

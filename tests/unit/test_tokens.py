@@ -15,11 +15,12 @@ from gateway.errors import (
     AudienceNotPermitted,
     IdentityProviderUnavailable,
     InsufficientScope,
+    LoginRequired,
     RefreshTokenRejected,
 )
 from gateway.oidc import OIDCClient
 from gateway.routing import RouteTable
-from gateway.sessions import MemorySessionStore, Session
+from gateway.sessions import CachedToken, MemorySessionStore, Session
 from gateway.settings import Settings
 from gateway.tokens import TokenBroker
 
@@ -225,3 +226,74 @@ async def test_broker_uses_jwt_exp_when_earlier_than_expires_in(
     h.clock.now += 99
     await h.token("api")
     assert route.call_count == 2
+
+
+async def test_broker_waiters_do_not_each_retry_a_failing_idp(
+    h: Harness, idp: respx.MockRouter
+) -> None:
+    async def down(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.05)
+        return httpx.Response(503)
+
+    route = idp.post(TOKEN_URL).mock(side_effect=down)
+    results = await asyncio.gather(*(h.token("api") for _ in range(10)), return_exceptions=True)
+    assert all(isinstance(r, IdentityProviderUnavailable) for r in results)
+    assert route.call_count == 1  # the others got the backoff, not another IdP call
+    h.clock.now += 6  # past Retry-After (5 s default): the IdP is asked again
+    idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    assert await h.token("api")
+
+
+async def test_broker_cached_refusal_is_a_fresh_exception_each_time(
+    h: Harness, idp: respx.MockRouter
+) -> None:
+    idp.post(TOKEN_URL).respond(400, json={"error": "invalid_target"})
+    errors = []
+    for _ in range(3):
+        with pytest.raises(AudienceNotPermitted) as info:
+            await h.token("api")
+        errors.append(info.value)
+    assert len({id(e) for e in errors}) == 3
+
+
+async def test_broker_does_not_serve_a_token_that_expired_during_the_idp_call(
+    h: Harness, idp: respx.MockRouter
+) -> None:
+    idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    await h.token("api")
+    h.clock.now += 600 - 5  # due, 5 s of life left
+
+    async def slow_failure(request: httpx.Request) -> httpx.Response:
+        h.clock.now += 10  # the IdP call outlives the cached token
+        return httpx.Response(503)
+
+    idp.post(TOKEN_URL).mock(side_effect=slow_failure)
+    with pytest.raises(IdentityProviderUnavailable):
+        await h.token("api")
+
+
+async def test_broker_logout_during_refresh_does_not_revive_the_session(
+    h: Harness, idp: respx.MockRouter
+) -> None:
+    async def rotate_slowly(request: httpx.Request) -> httpx.Response:
+        await h.store.delete("sess-1")  # logout lands while the IdP answers
+        response = _token_answer(request)
+        return httpx.Response(200, json=response.json() | {"refresh_token": "rt-new"})
+
+    idp.post(TOKEN_URL).mock(side_effect=rotate_slowly)
+    with pytest.raises(LoginRequired):
+        await h.token("api")
+    assert await h.store.load("sess-1") is None
+
+
+def test_token_cache_forget_and_eviction_stay_per_session() -> None:
+    from gateway.tokens import _TokenCache
+
+    now = time.time()
+    cache = _TokenCache(maxsize=3, clock=lambda: now)
+    for i in range(5):
+        cache.put((f"s{i % 2}", f"aud{i}", ""), CachedToken(f"t{i}", now + 100, f"aud{i}"))
+    assert len(cache) == 3  # the two oldest went
+    assert cache.get(("s0", "aud0", "")) is None
+    cache.forget("s0")
+    assert len(cache) == 1 and cache.get(("s1", "aud3", "")) is not None
