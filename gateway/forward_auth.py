@@ -32,6 +32,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
 from .errors import Forbidden, GatewayError, InvalidPath, LoginRequired, render_error
+from .headers import first_header
 from .observability import request_context
 from .proxy_endpoint import bearer_for
 from .routing import Route as GatewayRoute
@@ -72,13 +73,6 @@ class OriginalRequest:
 
 def _all(scope: Scope, name: bytes) -> list[str]:
     return [v.decode("latin-1") for k, v in scope["headers"] if k == name]
-
-
-def _one(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
 
 
 def _split_target(value: str, *, absolute: bool = False) -> tuple[str, str]:
@@ -187,7 +181,9 @@ class ForwardAuthEndpoint:
 
     def _check_caller(self, scope: Scope) -> None:
         client = (scope.get("client") or ("", 0))[0]
-        if self._secret is not None and not tokens_equal(_one(scope, SECRET_HEADER), self._secret):
+        if self._secret is not None and not tokens_equal(
+            first_header(scope["headers"], SECRET_HEADER), self._secret
+        ):
             logger.info("forward-auth: refused a caller without the shared secret (%s)", client)
             raise CallerRefused("this endpoint answers the configured data plane only")
         if self._networks:
@@ -230,7 +226,7 @@ class ForwardAuthEndpoint:
         context.route = route.name
         if not route.needs_token:
             return list(_OK_HEADERS)
-        session = await gw.sessions.current(_one(scope, b"cookie"))
+        session = await gw.sessions.current(first_header(scope["headers"], b"cookie"))
         if session is None:
             raise LoginRequired("no valid session", login_url=self._login_url(original))
         context.sub = session.sub

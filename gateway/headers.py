@@ -41,6 +41,14 @@ _RESPONSE_REMOVE = frozenset(n.encode() for n in HOP_BY_HOP)
 RawHeaders = list[tuple[bytes, bytes]]
 
 
+def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    """The first value of the (lower-case) header ``name`` of an ASGI scope, or None."""
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     """Header names listed in ``Connection`` are hop-by-hop too."""
     tokens: set[bytes] = set()

@@ -24,7 +24,7 @@ from .errors import (
     PayloadTooLarge,
     render_error,
 )
-from .headers import build_upstream_headers, filter_response_headers
+from .headers import build_upstream_headers, filter_response_headers, first_header
 from .metrics import UNMATCHED_ROUTE
 from .observability import request_context
 from .routing import Route, normalize_path
@@ -71,13 +71,6 @@ class _RequestBody:
                 return
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
-
-
 def _scan_headers(
     headers: list[tuple[bytes, bytes]], wanted: frozenset[bytes]
 ) -> tuple[int, dict[bytes, str]]:
@@ -112,7 +105,9 @@ async def bearer_for(gw: Gateway, route: Route, session: Session, method: str, s
     One policy for a token, shared by this proxy and forward-auth (whose ``scope`` carries the
     original request's headers and ``method`` its original method).
     """
-    return await _bearer(gw, route, session, method, lambda name: _header(scope, name))
+    return await _bearer(
+        gw, route, session, method, lambda name: first_header(scope["headers"], name)
+    )
 
 
 async def _bearer(

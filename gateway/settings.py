@@ -60,6 +60,15 @@ def _absolute_http_url(value: str, *, field: str) -> str:
     return value
 
 
+def _path_prefix(value: str, *, example: str) -> str:
+    """A plain absolute path prefix, normalised to end with ``/``."""
+    if not value.startswith("/") or any(c in value for c in "?#\\%") or "//" in value:
+        raise ValueError(f"must be an absolute path like {example}, got {value!r}")
+    if any(seg in (".", "..") for seg in value.split("/")):
+        raise ValueError("must not contain . or .. segments")
+    return value if value.endswith("/") else value + "/"
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -299,11 +308,7 @@ class RouteSettings(_Section):
     @field_validator("prefix")
     @classmethod
     def _prefix_shape(cls, value: str) -> str:
-        if not value.startswith("/") or any(c in value for c in "?#\\%") or "//" in value:
-            raise ValueError(f"must be an absolute path like /api/, got {value!r}")
-        if any(seg in (".", "..") for seg in value.split("/")):
-            raise ValueError("must not contain . or .. segments")
-        return value if value.endswith("/") else value + "/"
+        return _path_prefix(value, example="/api/")
 
     @field_validator("upstream")
     @classmethod
@@ -341,11 +346,7 @@ class StaticSettings(_Section):
     @field_validator("path")
     @classmethod
     def _path_shape(cls, value: str) -> str:
-        if not value.startswith("/") or any(c in value for c in "?#\\%") or "//" in value:
-            raise ValueError(f"must be an absolute path like / or /app/, got {value!r}")
-        if any(seg in (".", "..") for seg in value.split("/")):
-            raise ValueError("must not contain . or .. segments")
-        return value if value.endswith("/") else value + "/"
+        return _path_prefix(value, example="/ or /app/")
 
     @field_validator("content_security_policy")
     @classmethod

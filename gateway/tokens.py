@@ -242,7 +242,7 @@ class TokenBroker:
             answer.expires_in if answer.expires_in is not None else _DEFAULT_LIFETIME
         )
         granted_scope = answer.scope
-        claims = _unverified_claims(answer.access_token)
+        claims = unverified_claims(answer.access_token)
         if claims is None:
             if not self._allow_opaque:
                 raise AudienceNotPermitted(
@@ -279,7 +279,7 @@ class TokenBroker:
         )
 
 
-def _unverified_claims(token: str) -> dict[str, object] | None:
+def unverified_claims(token: str) -> dict[str, object] | None:
     """Claims of a JWT access token, without verifying it: the gateway is not its audience and
     got it straight from the IdP over TLS; it only checks that it is the token it asked for."""
     if token.count(".") != 2:

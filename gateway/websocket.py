@@ -45,7 +45,7 @@ from .errors import (
     UpstreamError,
     render_error,
 )
-from .headers import build_upstream_headers
+from .headers import build_upstream_headers, first_header
 from .proxy import map_upstream_error
 from .routing import Route, normalize_path
 from .websocket_connection import WebSocketConnection
@@ -67,13 +67,6 @@ _HANDSHAKE_HEADERS = frozenset(
         b"sec-websocket-accept",
     }
 )
-
-
-def header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
 
 
 def is_origin_allowed(origin: str | None, allowed: list[str], *, required: bool) -> bool:
@@ -134,10 +127,10 @@ class WebSocketRelay:
         route = gw.routes.match(path)
         if route is None or not route.settings.websocket:
             raise NotFound("no WebSocket route matches this path")
-        origin = header(scope, b"origin")
+        origin = first_header(scope["headers"], b"origin")
         if not is_origin_allowed(origin, gw.settings.allowed_origins, required=route.needs_token):
             raise CSRFCheckFailed("WebSocket upgrade from an origin that is not allowed")
-        cookie = header(scope, b"cookie")
+        cookie = first_header(scope["headers"], b"cookie")
         session = None
         if route.needs_token:
             session = await gw.sessions.current(cookie)
