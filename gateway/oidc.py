@@ -236,34 +236,53 @@ class OIDCClient:
         ) as exc:
             raise LoginFailed(f"the identity provider refused the code ({exc.error})") from exc
 
-    async def validate_id_token(self, id_token: str, *, nonce: str | None) -> dict[str, Any]:
-        """Verify signature (JWKS), iss, aud, exp, iat and nonce; return the claims."""
+    async def verify_jwt(
+        self, token: str, *, what: str, require: list[str], error: type[GatewayError]
+    ) -> dict[str, Any]:
+        """Verify a JWT the IdP issued to this client: signature with an asymmetric algorithm
+        the IdP advertises (never ``none`` or HMAC), key from the JWKS, iss, aud (and azp when
+        there are several audiences), exp/iat with leeway, and the ``require``d claims.
+        Every failure raises ``error`` naming ``what`` was refused, never the token."""
         try:
-            header = jwt.get_unverified_header(id_token)
+            header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
-            raise LoginFailed("the ID token is malformed") from exc
+            raise error(f"the {what} is malformed") from exc
         alg = header.get("alg")
         metadata = await self.metadata()
         advertised = set(metadata.get("id_token_signing_alg_values_supported") or ["RS256"])
         allowed = sorted(ASYMMETRIC_ALGORITHMS & advertised) or ["RS256"]
         if alg not in allowed:
-            raise LoginFailed(f"the ID token algorithm {alg!r} is not accepted")
-        key = await self.signing_key(header.get("kid"))
+            raise error(f"the {what} algorithm {str(alg)[:16]!r} is not accepted")
+        kid = header.get("kid")
+        try:
+            key = await self.signing_key(kid if isinstance(kid, str) else None)
+        except LoginFailed as exc:
+            raise error(f"the {what} is signed with an unknown key") from exc
         try:
             claims: dict[str, Any] = jwt.decode(
-                id_token,
+                token,
                 key=key.key,
                 algorithms=allowed,
                 audience=self._oidc.client_id,
                 issuer=metadata["issuer"],
                 leeway=self._oidc.clock_leeway,
-                options={"require": ["iss", "aud", "exp", "iat", "sub"]},
+                options={"require": require},
             )
         except jwt.PyJWTError as exc:
-            raise LoginFailed(f"the ID token is invalid ({type(exc).__name__})") from exc
+            raise error(f"the {what} is invalid ({type(exc).__name__})") from exc
         audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         if len(audiences) > 1 and claims.get("azp") != self._oidc.client_id:
-            raise LoginFailed("the ID token's azp does not name this client")
+            raise error(f"the {what}'s azp does not name this client")
+        return claims
+
+    async def validate_id_token(self, id_token: str, *, nonce: str | None) -> dict[str, Any]:
+        """Verify an ID token (see verify_jwt) and its nonce; return the claims."""
+        claims = await self.verify_jwt(
+            id_token,
+            what="ID token",
+            require=["iss", "aud", "exp", "iat", "sub"],
+            error=LoginFailed,
+        )
         if nonce is not None and not tokens_equal(_as_str(claims.get("nonce")), nonce):
             raise LoginFailed("the ID token's nonce does not match the login")
         return claims
