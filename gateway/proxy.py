@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,9 +31,15 @@ class UpstreamResponse:
     headers: tuple[tuple[bytes, bytes], ...]
     body: AsyncIterator[bytes]
     _response: aiohttp.ClientResponse
+    _at_eof: Callable[[], bool] | None = None
 
     def close(self) -> None:
         self._response.release()
+
+    def at_eof(self) -> bool:
+        """The whole body has been read (the chunk just read was the last); False when the
+        client cannot tell."""
+        return self._at_eof is not None and self._at_eof()
 
 
 class UpstreamClient(Protocol):
@@ -58,6 +64,7 @@ class AiohttpUpstreamClient:
     def __init__(self, *, pool_size: int = 1000) -> None:
         self._pool_size = pool_size
         self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}  # per route timeout, built once
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -83,9 +90,11 @@ class AiohttpUpstreamClient:
         timeout: float,
         route: str,
     ) -> UpstreamResponse:
-        client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=min(timeout, 10.0), sock_read=timeout
-        )
+        client_timeout = self._timeouts.get(timeout)
+        if client_timeout is None:
+            client_timeout = self._timeouts[timeout] = aiohttp.ClientTimeout(
+                total=None, sock_connect=min(timeout, 10.0), sock_read=timeout
+            )
         try:
             response = await self._client().request(
                 method,
@@ -102,8 +111,9 @@ class AiohttpUpstreamClient:
         return UpstreamResponse(
             status=response.status,
             headers=response.raw_headers,
-            body=_iter_body(response, route),
+            body=_Body(response, route),
             _response=response,
+            _at_eof=response.content.at_eof,
         )
 
     async def close(self) -> None:
@@ -125,11 +135,32 @@ def map_upstream_error(exc: BaseException, route: str) -> BaseException:
     return UpstreamError(f"upstream of route {route} failed ({type(exc).__name__})")
 
 
-async def _iter_body(response: aiohttp.ClientResponse, route: str) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in response.content.iter_any():
-            yield chunk
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        # Headers are already sent: all we can do is end the stream early, and say so.
-        logger.warning("upstream of route %s broke mid-body (%s)", route, type(exc).__name__)
-        raise UpstreamError(f"upstream of route {route} broke mid-body") from exc
+class _Body:
+    """The upstream body as an async iterator of chunks, as they arrive.
+
+    A class, not an async generator: asyncio registers every async generator in a weak set on
+    its first iteration (and finalises it in a task when left early); on the hot path that
+    cost more than the iteration itself.
+    """
+
+    __slots__ = ("_content", "_route")
+
+    def __init__(self, response: aiohttp.ClientResponse, route: str) -> None:
+        self._content = response.content
+        self._route = route
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._content.readany()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Headers are already sent: all we can do is end the stream early, and say so.
+            logger.warning(
+                "upstream of route %s broke mid-body (%s)", self._route, type(exc).__name__
+            )
+            raise UpstreamError(f"upstream of route {self._route} broke mid-body") from exc
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk

@@ -285,20 +285,23 @@ class ProxyEndpoint:
                     ),
                 }
             )
+            done = False  # the last chunk went out with more_body False: no empty message
             if method != "HEAD":
                 with gw.connections.stream(session_id) as stream:
                     try:
                         async for chunk in upstream.body:
                             if stream.ended:
                                 break
+                            done = upstream.at_eof()
                             await send(
-                                {"type": "http.response.body", "body": chunk, "more_body": True}
+                                {"type": "http.response.body", "body": chunk, "more_body": not done}
                             )
                     except GatewayError:
                         return  # logged where it happened; the client sees a truncated body
                 if stream.ended and not _is_event_stream(upstream.headers):
                     return  # the session ended mid-body: truncated, never passed off as whole
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if not done:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             upstream.close()
 

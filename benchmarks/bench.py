@@ -1,0 +1,118 @@
+"""The measuring context shared by every phase: options, CPU plan, results, one cell of load."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import httpx
+
+from tests.e2e.login import browser_login
+from tests.e2e.servers import IdpProcess
+
+from .machine import CpuPlan, ForeignCpu, cpu_seconds, load1
+from .report import Results, Row
+from .upstream import ONE_MIB, SMALL_JSON
+from .wrk import check_clean, run_wrk
+
+SMALL, LARGE = "small JSON", "1 MiB"
+BODIES = {SMALL: ("/small.json", len(SMALL_JSON)), LARGE: ("/1m.bin", ONE_MIB)}
+
+
+@dataclass
+class Bench:
+    """Everything a phase needs to start load and record it."""
+
+    args: argparse.Namespace
+    plan: CpuPlan
+    results: Results
+    headers: dict[str, str] = field(default_factory=dict)  # cookie + anti-CSRF, for wrk
+
+    @property
+    def bodies(self) -> list[str]:
+        chosen = set(self.args.bodies.split(","))
+        return [name for key, name in (("small", SMALL), ("large", LARGE)) if key in chosen]
+
+    def measure(
+        self,
+        section: str,
+        target: str,
+        body: str,
+        url: str,
+        connections: int,
+        *,
+        headers: dict[str, str] | None = None,
+        pids: tuple[int, ...] = (),
+    ) -> Row:
+        """Warm up, then one recorded wrk run of ``args.duration`` seconds on ``url + body``;
+        ``pids``: the servers whose CPU time per request is recorded (with their children)."""
+        path, size = BODIES[body]
+        base, prefix = _split(url)
+        used = headers if headers is not None else self.headers
+        label = f"{target} / {body} / {connections} conns"
+        if self.args.warmup > 0:
+            warm = run_wrk(
+                base,
+                [prefix + path],
+                connections=connections,
+                seconds=self.args.warmup,
+                headers=used,
+                prefix=self.plan.load_prefix(),
+            )
+            check_clean(warm, expect_body=size, label=label + " (warm-up)")
+        meter = ForeignCpu()
+        started_load = load1()
+        cpu_before = sum(cpu_seconds(pid) for pid in pids)
+        result = run_wrk(
+            base,
+            [prefix + path],
+            connections=connections,
+            seconds=self.args.duration,
+            headers=used,
+            prefix=self.plan.load_prefix(),
+        )
+        foreign = meter.percent()
+        cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
+        cpu_us = 1e6 * cpu / result.requests if pids and result.requests else None
+        check_clean(result, expect_body=size, label=label)
+        row = Row(section, target, body, connections, result, started_load, foreign, cpu_us)
+        self.results.rows.append(row)
+        print(
+            f"  {label:<62} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
+            f"p99 {result.p99_ms:7.2f} ms  cpu {cpu_us or 0:5.0f} us/req  "
+            f"load1 {started_load:.2f}  foreign {foreign:3.0f}%",
+            flush=True,
+        )
+        return row
+
+
+def _split(url: str) -> tuple[str, str]:
+    """``http://h:p/prefix`` -> (``http://h:p``, ``/prefix``)."""
+    scheme, rest = url.split("://", 1)
+    host, _, prefix = rest.partition("/")
+    return f"{scheme}://{host}", ("/" + prefix).rstrip("/") if prefix else ""
+
+
+async def login(base_url: str, idp: IdpProcess) -> str:
+    """Log a browser in at a gateway; return its session cookie value."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await browser_login(
+            client, f"{base_url}/auth/login?return_to=/", idp_issuer=idp.issuer
+        )
+        if response.status_code != 302:
+            raise RuntimeError(f"login failed: {response.status_code} {response.text[:200]}")
+        cookie = client.cookies.get("gw_session")
+    if not cookie:
+        raise RuntimeError("login set no gw_session cookie")
+    return str(cookie)
+
+
+def session_headers(cookie: str) -> dict[str, str]:
+    return {"Cookie": f"gw_session={cookie}", "X-CSRF": "1"}
+
+
+def check_route(url: str, headers: dict[str, str], *, expect: bytes) -> None:
+    """One request through a route before load: 200 and the upstream's exact body."""
+    response = httpx.get(url, headers=headers, timeout=30)
+    if response.status_code != 200 or response.content != expect:
+        raise RuntimeError(f"{url}: {response.status_code} {response.text[:200]}")
