@@ -62,8 +62,9 @@ class GatewayProcess:
                 if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
                     return
             time.sleep(0.1)
+        logs = self.logs()  # read before stop() removes the directory
         self.stop()
-        raise RuntimeError(f"gateway on {self.base_url} did not start:\n{self.logs()}")
+        raise RuntimeError(f"gateway on {self.base_url} did not start:\n{logs}")
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
