@@ -212,9 +212,10 @@ async def test_garbage_cookies_are_refused_before_any_store_lookup(gw: GatewayUn
             value = client.cookies["gw_session"]
             token, signature = value.split(".")
             client.cookies.clear()
+            other_last = "B" if token.endswith("A") else "A"  # a real change, never a no-op
             forged = [
                 "garbage", token, f"{token}.", f"{token}.{signature[::-1]}",
-                f"{token[:-1]}A.{signature}", "x" * 300, f"{'A' * 43}.{signature}",
+                f"{token[:-1]}{other_last}.{signature}", "x" * 300, f"{'A' * 43}.{signature}",
             ]  # fmt: skip
             for cookie in forged:
                 response = await client.get("/auth/me", headers={"Cookie": f"gw_session={cookie}"})
