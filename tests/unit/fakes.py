@@ -8,10 +8,11 @@ from gateway.proxy import UpstreamResponse
 
 
 class RecordingUpstream:
-    """An UpstreamClient that answers 200 and records the headers it was asked to send."""
+    """An UpstreamClient that drains the body, answers 200 ``ok`` and records every call as
+    (url, headers it was asked to send)."""
 
     def __init__(self) -> None:
-        self.sent: list[list[tuple[str, str]]] = []
+        self.calls: list[tuple[str, list[tuple[str, str]]]] = []
 
     async def send(
         self,
@@ -23,7 +24,10 @@ class RecordingUpstream:
         timeout: float,
         route: str,
     ) -> UpstreamResponse:
-        self.sent.append(headers)
+        if body is not None:
+            async for _ in body:
+                pass
+        self.calls.append((url, headers))
 
         async def chunks() -> AsyncIterator[bytes]:
             yield b"ok"

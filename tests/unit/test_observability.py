@@ -362,9 +362,9 @@ async def test_gateway_forwards_request_id_and_traceparent_untouched(
         )
         generated = await client.get("/status/y", headers={"X-Request-ID": "bad id"})
     assert given.headers["x-request-id"] == "rid-up"
-    first = [(k.lower(), v) for k, v in upstream.sent[0]]
+    first = [(k.lower(), v) for k, v in upstream.calls[0][1]]
     assert ("x-request-id", "rid-up") in first and ("traceparent", TRACEPARENT) in first
-    second = {k.lower(): v for k, v in upstream.sent[1]}
+    second = {k.lower(): v for k, v in upstream.calls[1][1]}
     assert second["x-request-id"] == generated.headers["x-request-id"] != "bad id"
     await app.state.gateway.shutdown()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -19,7 +19,6 @@ from starlette.applications import Starlette
 from gateway import create_app
 from gateway.crypto import SessionCipher
 from gateway.errors import InvalidPath
-from gateway.proxy import UpstreamResponse
 from gateway.routing import Route, RouteTable, normalize_path
 from gateway.security import read_cookie, validate_return_to
 from gateway.sessions import MemorySessionStore
@@ -27,6 +26,7 @@ from gateway.sessions.manager import SessionManager
 from gateway.settings import RouteSettings
 
 from .conftest import DISCOVERY, ISSUER, jwks, make_settings
+from .fakes import RecordingUpstream
 from .test_backchannel import SECRET_KEY
 
 pytestmark = pytest.mark.anyio
@@ -197,41 +197,6 @@ def test_cookie_parsing_finds_a_valid_cookie_after_junk(junk: str) -> None:
 
 
 @dataclass
-class _Released:
-    def release(self) -> None:
-        return None
-
-
-@dataclass
-class RecordingUpstream:
-    """An UpstreamClient answering 200 to everything and recording what it was sent."""
-
-    calls: list[tuple[str, list[tuple[str, str]]]] = field(default_factory=list)
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
-        *,
-        timeout: float,
-        route: str,
-    ) -> UpstreamResponse:
-        if body is not None:
-            async for _ in body:
-                pass
-        self.calls.append((url, headers))
-
-        async def empty() -> AsyncIterator[bytes]:
-            yield b"upstream"
-
-        return UpstreamResponse(200, ((b"content-type", b"text/plain"),), empty(), _Released())  # type: ignore[arg-type]
-
-    async def close(self) -> None:
-        return None
-
-
 @dataclass
 class App:
     app: Starlette
