@@ -61,6 +61,14 @@ class GatewayUnderTest:
 def gateway_settings(
     idp: IdpProcess, port: int, upstreams: dict[str, Upstream], **overrides: Any
 ) -> Settings:
+    return Settings(**gateway_config(idp, port, upstreams, **overrides))
+
+
+def gateway_config(
+    idp: IdpProcess, port: int, upstreams: dict[str, Upstream], **overrides: Any
+) -> dict[str, Any]:
+    """The e2e gateway configuration as data (a YAML file's content); a dict override is
+    merged into its section, anything else replaces the key."""
     data: dict[str, Any] = {
         "public_url": f"http://127.0.0.1:{port}",
         "oidc": {
@@ -108,7 +116,7 @@ def gateway_settings(
             data[key] = {**data[key], **value}
         else:
             data[key] = value
-    return Settings(**data)
+    return data
 
 
 @contextlib.contextmanager

@@ -13,10 +13,10 @@ import pytest
 import redis
 
 from .conftest import IdpFactory
-from .gateway_harness import CSRF, start_upstreams
+from .gateway_harness import CSRF, gateway_config, start_upstreams
 from .login import browser_login
 from .processes import GatewayProcess, gateway_processes, redis_process
-from .servers import API, BILLING, CLIENT_ID, IdpProcess, Upstream, free_port
+from .servers import API, BILLING, IdpProcess, Upstream, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -33,36 +33,9 @@ def _config(
     prefix: str,
     redis_timeout: str = "2s",
 ) -> dict[str, Any]:
-    return {
-        "public_url": f"http://127.0.0.1:{public_port}",
-        "oidc": {
-            "issuer": idp.issuer,
-            "client_id": CLIENT_ID,
-            "dialect": "rfc8707",
-            "prompt": "consent",
-        },
-        "session": {
-            "store": "redis",
-            "redis_url": redis_url,
-            "redis_key_prefix": prefix,
-            "redis_timeout": redis_timeout,
-        },
-        "log": {"level": "warning"},
-        "routes": [
-            {
-                "prefix": "/api/",
-                "upstream": upstreams["api"].url,
-                "audience": API,
-                "scopes": ["read:orders"],
-            },
-            {
-                "prefix": "/billing/",
-                "upstream": upstreams["billing"].url,
-                "audience": BILLING,
-                "scopes": ["read:invoices"],
-            },
-        ],
-    }
+    session = {"store": "redis", "redis_url": redis_url, "redis_key_prefix": prefix}
+    session["redis_timeout"] = redis_timeout
+    return gateway_config(idp, public_port, upstreams, session=session, tokens={"skew": 60})
 
 
 class Cluster:
