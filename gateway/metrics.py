@@ -34,6 +34,7 @@ from .errors import (
     RefreshTokenRejected,
     render_error,
 )
+from .hot_metrics import CounterFamily, FastCounter, FastHistogram, HistogramFamily
 from .settings import MetricsSettings, Settings
 
 logger = logging.getLogger("gateway.metrics")
@@ -66,25 +67,23 @@ class GatewayMetrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self._requests = Counter(
-            "gateway_requests",
-            "Requests answered, by route and status.",
-            ["route", "status"],
-            registry=r,
+        # Recorded on every request: lock-free instruments (hot_metrics.py).
+        self._requests = CounterFamily(
+            "gateway_requests", "Requests answered, by route and status.", ["route", "status"], r
         )
-        self._request_seconds = Histogram(
+        self._request_seconds = HistogramFamily(
             "gateway_request_duration_seconds",
             "Total time to answer, by route.",
             ["route"],
+            r,
             buckets=_BUCKETS,
-            registry=r,
         )
-        self._upstream_seconds = Histogram(
+        self._upstream_seconds = HistogramFamily(
             "gateway_upstream_duration_seconds",
             "Time from sending to an upstream to its response headers, by route.",
             ["route"],
+            r,
             buckets=_BUCKETS,
-            registry=r,
         )
         self._exchanges = Counter(
             "gateway_token_exchanges",
@@ -92,11 +91,11 @@ class GatewayMetrics:
             ["audience", "outcome"],
             registry=r,
         )
-        cache = Counter(
+        cache = CounterFamily(
             "gateway_token_cache",
             "Access-token lookups: hit_local, hit_shared, hit_refused, miss.",
             ["result"],
-            registry=r,
+            r,
         )
         self.cache_hit_local = cache.labels("hit_local")
         self.cache_hit_shared = cache.labels("hit_shared")
@@ -122,7 +121,7 @@ class GatewayMetrics:
         # them up in a dict (and series exist at 0 before the first request).
         routes = list(routes)
         names = [*routes, GATEWAY_ROUTE, UNMATCHED_ROUTE]
-        self._by_route: dict[str, tuple[Histogram, dict[int, Counter]]] = {
+        self._by_route: dict[str, tuple[FastHistogram, dict[int, FastCounter]]] = {
             n: (self._request_seconds.labels(n), {}) for n in names
         }
         self._upstream = {n: self._upstream_seconds.labels(n) for n in routes}
@@ -154,7 +153,7 @@ class GatewayMetrics:
         counter = by_status.get(status)
         if counter is None:  # at most one per HTTP status code per route
             counter = by_status[status] = self._requests.labels(route, str(status))
-        counter.inc()
+        counter.value += 1
         histogram.observe(seconds)
         if upstream_seconds is not None:
             upstream = self._upstream.get(route)
