@@ -163,7 +163,7 @@ class AuthEndpoints:
             raise LoginRequired("no valid session", login_url=gw.login_url)
         body: dict[str, Any] = {
             "sub": session.sub,
-            "claims": session.claims,
+            "claims": session.claims_dict(),
             "session": {
                 "created_at": int(session.created_at),
                 "expires_at": int(session.absolute_expiry),

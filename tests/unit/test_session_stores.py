@@ -83,6 +83,23 @@ async def test_store_save_then_load_roundtrips(
     assert await store.load("missing") is None
 
 
+async def test_store_keeps_claims_and_id_token_exactly(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    store, clock = store_and_clock
+    claims = {"sub": "alice", "name": "Zoë", "roles": ["a", "b"], "email_verified": True}
+    id_token = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
+    session = make_session(clock, id_token=id_token)
+    session.claims = claims
+    await store.save(session)
+    for _ in range(2):  # the second load reads what the first one left behind
+        loaded = await store.load(session.id)
+        assert loaded is not None
+        assert loaded.claims == claims and loaded.id_token == id_token
+        assert (loaded.sub, loaded.sid, loaded.rt_version) == ("alice", "s1", 0)
+        await store.touch(loaded)
+
+
 async def test_store_load_after_idle_timeout_returns_none(
     store_and_clock: tuple[SessionStore, FakeClock],
 ) -> None:
