@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from .errors import InvalidPath
@@ -61,32 +61,36 @@ def normalize_path(raw_path: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A compiled route: settings plus the parsed upstream."""
+    """A compiled route: settings plus the parsed upstream. What the proxy reads on every
+    request is a plain field (no property, no recomputation)."""
 
     settings: RouteSettings
     upstream_origin: str  # scheme://host:port
     upstream_path: str  # always ends with "/"
+    name: str = field(init=False)
+    prefix: str = field(init=False)
+    needs_token: bool = field(init=False)
+    audience: str = field(init=False)  # "" when the route names none
+    scope_key: str = field(init=False)  # the scopes, space-separated (a token-cache key part)
+    _base: str = field(init=False)  # what a path is appended to (no strip_prefix)
 
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    @property
-    def prefix(self) -> str:
-        return self.settings.prefix
-
-    @property
-    def needs_token(self) -> bool:
-        return self.settings.auth == "user"
+    def __post_init__(self) -> None:
+        set_field = object.__setattr__  # frozen: derived fields are set once, here
+        set_field(self, "name", self.settings.name)
+        set_field(self, "prefix", self.settings.prefix)
+        set_field(self, "needs_token", self.settings.auth == "user")
+        set_field(self, "audience", self.settings.audience or "")
+        set_field(self, "scope_key", " ".join(self.settings.scopes))
+        set_field(self, "_base", self.upstream_origin + self.upstream_path.rstrip("/"))
 
     def upstream_url(self, path: str, query: str) -> str:
         """Map a normalised request path (already matched to this route) to the upstream URL."""
         if self.settings.strip_prefix:
             rest = path[len(self.prefix) :] if path.startswith(self.prefix) else ""
-            target = self.upstream_path + rest
+            url = self.upstream_origin + self.upstream_path + rest
         else:
-            target = self.upstream_path.rstrip("/") + path
-        return self.upstream_origin + target + (f"?{query}" if query else "")
+            url = self._base + path
+        return url + "?" + query if query else url
 
 
 def _compile(settings: RouteSettings) -> Route:
@@ -107,6 +111,8 @@ class RouteTable:
             (_compile(r) for r in routes), key=lambda r: len(r.prefix), reverse=True
         )
         self._by_name = {r.name: r for r in self._routes}
+        # (prefix, prefix without its trailing slash, route), longest first.
+        self._match = [(r.prefix, r.prefix[:-1], r) for r in self._routes]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._routes)
@@ -119,7 +125,7 @@ class RouteTable:
 
     def match(self, path: str) -> Route | None:
         """The route for a normalised path, or None."""
-        for route in self._routes:
-            if path.startswith(route.prefix) or path == route.prefix[:-1]:
+        for prefix, bare, route in self._match:
+            if path.startswith(prefix) or path == bare:
                 return route
         return None

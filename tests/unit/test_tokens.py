@@ -290,10 +290,16 @@ def test_token_cache_forget_and_eviction_stay_per_session() -> None:
     from gateway.tokens import _TokenCache
 
     now = time.time()
-    cache = _TokenCache(maxsize=3, clock=lambda: now)
+    cache = _TokenCache(maxsize=3, clock=lambda: now, due=lambda t: t.expires_at - 10)
     for i in range(5):
         cache.put((f"s{i % 2}", f"aud{i}", ""), CachedToken(f"t{i}", now + 100, f"aud{i}"))
     assert len(cache) == 3  # the two oldest went
     assert cache.get(("s0", "aud0", "")) is None
     cache.forget("s0")
     assert len(cache) == 1 and cache.get(("s1", "aud3", "")) is not None
+    # fresh: until due (computed once, at put); get: until expiry.
+    cache.put(("s1", "late", ""), CachedToken("t", now + 5, "late"))
+    assert cache.fresh(("s1", "late", ""), now) is None
+    assert cache.get(("s1", "late", "")) is not None
+    assert cache.fresh(("s1", "aud3", ""), now + 89) is not None
+    assert cache.fresh(("s1", "aud3", ""), now + 90) is None
