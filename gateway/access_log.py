@@ -19,9 +19,9 @@ from .observability import (
     REQUEST_ID_HEADER,
     RequestContext,
     current_request_id,
+    incoming_request_id,
     new_request_id,
     user_for_log,
-    valid_request_id,
 )
 from .settings import LogSettings
 
@@ -31,11 +31,39 @@ access_logger = logging.getLogger("gateway.access")
 CLIENT_CLOSED_REQUEST = 499
 
 
-def _incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
-    for key, value in headers:
-        if key == REQUEST_ID_HEADER:
-            return valid_request_id(value)
-    return None
+class AccessLog:
+    """Per-request metrics and the access line, once a request is answered.
+
+    Shared by :class:`AccessLogMiddleware` (the gateway's own paths) and the proxy's fast path
+    (``proxy_endpoint.ProxyFastPath``), which records its requests without a middleware."""
+
+    def __init__(
+        self, *, metrics: GatewayMetrics, settings: LogSettings, user_key: bytes = b""
+    ) -> None:
+        self._user_key = user_key
+        self._metrics = metrics
+        self._log_enabled = settings.access_log
+        self._user_mode = settings.user
+
+    def record(self, method: str, context: RequestContext, status: int, seconds: float) -> None:
+        upstream = context.upstream_seconds
+        self._metrics.observe_request(context.route, status, seconds, upstream)
+        if not (self._log_enabled and access_logger.isEnabledFor(logging.INFO)):
+            return
+        extra: dict[str, object] = {
+            "request_id": context.request_id,
+            "method": method,
+            "route": context.route,
+            "status": status,
+            "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None,
+            "duration_ms": round(seconds * 1000, 1),
+        }
+        user = user_for_log(context.sub, self._user_mode, self._user_key)
+        if user is not None:
+            extra["user"] = user
+        access_logger.info(
+            "%s %s %d %.1fms", method, context.route, status, seconds * 1000, extra=extra
+        )
 
 
 class AccessLogMiddleware:
@@ -50,10 +78,7 @@ class AccessLogMiddleware:
         user_key: bytes = b"",
     ) -> None:
         self.app = app
-        self._user_key = user_key
-        self._metrics = metrics
-        self._log_enabled = settings.access_log
-        self._user_mode = settings.user
+        self._access = AccessLog(metrics=metrics, settings=settings, user_key=user_key)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -61,7 +86,7 @@ class AccessLogMiddleware:
             return
         started = time.perf_counter()
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        request_id = _incoming_request_id(headers)
+        request_id = incoming_request_id(headers)
         if request_id is None:
             # Missing or invalid: ours replaces it, so the upstream sees the same id we log.
             request_id = new_request_id()
@@ -91,25 +116,4 @@ class AccessLogMiddleware:
             raise
         finally:
             current_request_id.reset(token)
-            self._finish(scope, context, status, time.perf_counter() - started)
-
-    def _finish(self, scope: Scope, context: RequestContext, status: int, seconds: float) -> None:
-        upstream = context.upstream_seconds
-        self._metrics.observe_request(context.route, status, seconds, upstream)
-        if not (self._log_enabled and access_logger.isEnabledFor(logging.INFO)):
-            return
-        method: str = scope["method"]
-        extra: dict[str, object] = {
-            "request_id": context.request_id,
-            "method": method,
-            "route": context.route,
-            "status": status,
-            "upstream_ms": round(upstream * 1000, 1) if upstream is not None else None,
-            "duration_ms": round(seconds * 1000, 1),
-        }
-        user = user_for_log(context.sub, self._user_mode, self._user_key)
-        if user is not None:
-            extra["user"] = user
-        access_logger.info(
-            "%s %s %d %.1fms", method, context.route, status, seconds * 1000, extra=extra
-        )
+            self._access.record(scope["method"], context, status, time.perf_counter() - started)

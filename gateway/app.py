@@ -24,9 +24,9 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .access_log import AccessLogMiddleware
+from .access_log import AccessLog, AccessLogMiddleware
 from .auth_routes import AuthEndpoints
 from .connections import ConnectionRegistry
 from .crypto import SessionCipher
@@ -42,7 +42,7 @@ from .oidc import OIDCClient
 from .proxy import AiohttpUpstreamClient, UpstreamClient
 from .proxy_endpoint import ProxyEndpoint, ProxyFastPath
 from .routing import RouteTable
-from .security_headers import MarkRelayed, SecurityHeadersMiddleware
+from .security_headers import SecurityHeadersMiddleware
 from .sessions import MemorySessionStore, SessionStore
 from .sessions.events import create_session_events
 from .sessions.manager import SessionManager
@@ -188,11 +188,23 @@ class Gateway:
         await self.session_events.publish(session_id)
 
 
+class GatewayApp(Starlette):
+    """Starlette, except that proxied HTTP requests go straight to ``fast_path`` (when set):
+    past the error middleware, the gateway's middlewares and the router (see ProxyFastPath)."""
+
+    fast_path: ProxyFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        fast_path = self.fast_path
+        if fast_path is not None and fast_path.claims(scope):
+            await fast_path(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) -> Starlette:
     """The gateway as an ASGI app (standalone, or mounted with ``app.mount("/", ...)``)."""
     gateway = Gateway(settings, upstream=upstream)
-    # Lets SecurityHeadersMiddleware tell relayed upstream answers from the gateway's own.
-    gateway.upstream = MarkRelayed(gateway.upstream)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -220,7 +232,8 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         finally:
             await gateway.shutdown()
 
-    catch_all: ASGIApp = ProxyEndpoint(gateway)
+    proxy = ProxyEndpoint(gateway)
+    catch_all: ASGIApp = proxy
     if settings.static is not None:
         # Static files sit in front of the proxy; a longer route prefix still wins.
         catch_all = StaticSite(settings.static, gateway.routes, fallback=catch_all)
@@ -232,7 +245,7 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         *(ForwardAuthEndpoint(gateway).routes() if settings.forward_auth.enabled else []),
         Mount("/", app=catch_all),
     ]
-    app = Starlette(
+    app = GatewayApp(
         routes=routes,
         # Outermost first. AccessLogMiddleware: request id in/out, metrics, access log.
         middleware=[
@@ -244,13 +257,6 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
             ),
             # nosniff, no-referrer, DENY framing, CSP, no-store on /auth: gateway answers only.
             Middleware(SecurityHeadersMiddleware, https=settings.is_https),
-            # Innermost: proxied paths skip the router (a static site keeps it: it relies on
-            # the exception middleware for StaticFiles' HTTP errors).
-            *(
-                [Middleware(ProxyFastPath, proxy=catch_all, routes=routes)]
-                if settings.static is None
-                else []
-            ),
         ],
         exception_handlers={GatewayError: handle_gateway_error, Exception: handle_unexpected_error},
         lifespan=lifespan,
@@ -258,5 +264,12 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
     # A path no route pattern matches (Mount's regex stops at a line break) goes to the
     # catch-all too, which answers it in JSON (invalid_path) instead of Starlette's plain 404.
     app.router.default = catch_all
+    if settings.static is None:
+        # A static site keeps the router: it relies on the exception middleware for
+        # StaticFiles' HTTP errors.
+        access = AccessLog(
+            metrics=gateway.metrics, settings=settings.log, user_key=gateway.log_user_key
+        )
+        app.fast_path = ProxyFastPath(proxy, access=access, routes=routes)
     app.state.gateway = gateway
     return app

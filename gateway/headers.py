@@ -34,9 +34,19 @@ _STRIPPED_REQUEST = HOP_BY_HOP | {
     "x-forwarded-prefix",
     "x-real-ip",
 }
+_REQUEST_ID = b"x-request-id"
 _REQUEST_REMOVE = frozenset(n.encode() for n in _STRIPPED_REQUEST)
-_REQUEST_REMOVE_COOKIE = _REQUEST_REMOVE | {b"cookie"}
+# What one membership test per header drops, by (forward_cookies, replace the request id).
+_REQUEST_REMOVE_BY = {
+    (forward, own_id): _REQUEST_REMOVE
+    | (set() if forward else {b"cookie"})
+    | ({_REQUEST_ID} if own_id else set())
+    for forward in (False, True)
+    for own_id in (False, True)
+}
 _RESPONSE_REMOVE = frozenset(n.encode() for n in HOP_BY_HOP)
+_RESPONSE_REMOVE_ID = _RESPONSE_REMOVE | {_REQUEST_ID}
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade"})
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -58,6 +68,19 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     return tokens
 
 
+def _listed(
+    value: bytes, removed: frozenset[bytes], listed: set[bytes] | None
+) -> set[bytes] | None:
+    """Add the names a ``Connection`` value lists to ``listed``, except those ``removed``
+    anyway (``Connection: keep-alive`` on every answer needs no second pass)."""
+    if value in _PLAIN_CONNECTION:
+        return listed
+    tokens = _connection_tokens([(b"connection", value)]) - removed
+    if not tokens:
+        return listed
+    return tokens | (listed or set())
+
+
 def strip_cookies(cookie_header: bytes, names: frozenset[bytes]) -> bytes:
     """Remove the named cookies from a ``Cookie`` header value; keep the others as sent."""
     kept = [
@@ -77,22 +100,24 @@ def build_upstream_headers(
     host: str,
     bearer: str | None,
     forward_cookies: bool = False,
+    request_id: str | None = None,
 ) -> list[tuple[str, str]]:
-    """The request headers an upstream receives (see module docstring).
+    """The request headers an upstream receives (see module docstring); with ``request_id``,
+    that one replaces any ``X-Request-ID`` the client sent.
 
     One pass over the headers (this runs on every proxied request); names a ``Connection``
     header lists, rare in practice, are dropped afterwards.
     """
-    remove = _REQUEST_REMOVE if forward_cookies else _REQUEST_REMOVE_COOKIE
+    remove = _REQUEST_REMOVE_BY[(forward_cookies, request_id is not None)]
     out: list[tuple[str, str]] = []
     listed: set[bytes] | None = None
     for raw_name, raw_value in headers:
         name = raw_name.lower()
         if name in remove:
             if name == b"connection":
-                listed = _connection_tokens([(name, raw_value)]) | (listed or set())
+                listed = _listed(raw_value, _REQUEST_REMOVE, listed)
             continue
-        if name == b"cookie":
+        if name == b"cookie":  # forward_cookies: all but the gateway's own
             raw_value = strip_cookies(raw_value, gateway_cookies)
             if not raw_value:
                 continue
@@ -105,24 +130,33 @@ def build_upstream_headers(
     out.append(("x-forwarded-host", host))
     if bearer is not None:
         out.append(("authorization", "Bearer " + bearer))
+    if request_id is not None:
+        out.append(("x-request-id", request_id))
     return out
 
 
 def filter_response_headers(
-    headers: Iterable[tuple[bytes, bytes]], *, gateway_cookies: frozenset[bytes]
+    headers: Iterable[tuple[bytes, bytes]],
+    *,
+    gateway_cookies: frozenset[bytes],
+    request_id: bytes | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    """Upstream response headers for the client: no hop-by-hop, no overwrite of our cookies."""
+    """Upstream response headers for the client: no hop-by-hop, no overwrite of our cookies;
+    with ``request_id``, that one replaces the upstream's ``X-Request-ID``."""
+    remove = _RESPONSE_REMOVE_ID if request_id is not None else _RESPONSE_REMOVE
     out: list[tuple[bytes, bytes]] = []
     listed: set[bytes] | None = None
     for raw_name, value in headers:
         name = raw_name.lower()
-        if name in _RESPONSE_REMOVE:
+        if name in remove:
             if name == b"connection":
-                listed = _connection_tokens([(name, value)]) | (listed or set())
+                listed = _listed(value, _RESPONSE_REMOVE, listed)
             continue
         if name == b"set-cookie" and value.split(b"=", 1)[0].strip() in gateway_cookies:
             continue
         out.append((name, value))
     if listed:
         out = [(name, value) for name, value in out if name not in listed]
+    if request_id is not None:
+        out.append((_REQUEST_ID, request_id))
     return out

@@ -42,6 +42,7 @@ class RequestContext:
     route: str = GATEWAY_ROUTE  # a configured route name, ``gateway`` or ``unmatched``
     upstream_seconds: float | None = None
     sub: str | None = None
+    status: int | None = None  # set by the proxy as it starts its answer
 
 
 def request_context(scope: Scope) -> RequestContext:
@@ -54,6 +55,14 @@ def request_context(scope: Scope) -> RequestContext:
 
 def new_request_id() -> str:
     return os.urandom(16).hex()
+
+
+def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The client's ``X-Request-ID`` if it is valid (see :func:`valid_request_id`)."""
+    for key, value in headers:
+        if key == REQUEST_ID_HEADER:
+            return valid_request_id(value)
+    return None
 
 
 def valid_request_id(value: bytes) -> str | None:

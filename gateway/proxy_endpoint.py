@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from starlette.routing import BaseRoute, Mount
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
+from .access_log import CLIENT_CLOSED_REQUEST, AccessLog
 from .errors import (
     GatewayError,
     HeadersTooLarge,
@@ -26,9 +27,19 @@ from .errors import (
 )
 from .headers import build_upstream_headers, filter_response_headers, first_header
 from .metrics import UNMATCHED_ROUTE
-from .observability import request_context
+from .observability import (
+    CONTEXT_KEY,
+    REQUEST_ID_HEADER,
+    RequestContext,
+    current_request_id,
+    incoming_request_id,
+    new_request_id,
+    request_context,
+)
+from .proxy import UpstreamResponse
 from .routing import Route, normalize_path
 from .security import check_csrf
+from .security_headers import mark_relayed, own_answer_headers
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -139,19 +150,26 @@ def _is_event_stream(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
 
 
 class ProxyFastPath:
-    """Innermost middleware: a proxied HTTP request skips Starlette's exception middleware and
-    router and goes straight to the proxy.
+    """The way in for proxied HTTP requests: straight to the proxy, past Starlette.
 
-    The router tries each of the gateway's own routes (/healthz, /auth/...) on every path
-    before the catch-all ``Mount("/")`` takes it; on the hot path that walk cost more than the
-    proxy's own work (benchmarks/README.md). A path that one of ``routes`` could match (its
-    literal part, up to the first ``{``), a non-HTTP scope, or a mounted app (``root_path``)
-    takes the router as before. The proxy renders its own errors, so nothing is lost.
+    Starlette's error middleware, the gateway's two middlewares and its router each wrap or
+    inspect every request; on the hot path that cost more than the proxy's own work
+    (benchmarks/README.md). So a proxied request is taken before all of them, and what they
+    would have done is done here in one pass: the request id (kept from a valid
+    ``X-Request-ID``, else generated; sent upstream and back), the per-request metrics and
+    access line (:class:`~gateway.access_log.AccessLog`), the security headers on answers the
+    proxy renders itself, and a JSON 500 for an unexpected error.
+
+    ``claims`` leaves to the router: a path that one of the gateway's own ``routes`` could
+    match (its literal part, up to the first ``{``), a non-HTTP scope, and a mounted app
+    (``root_path``).
     """
 
-    def __init__(self, app: ASGIApp, *, proxy: ASGIApp, routes: Sequence[BaseRoute]) -> None:
-        self.app = app
-        self._proxy = proxy
+    def __init__(
+        self, endpoint: ProxyEndpoint, *, access: AccessLog, routes: Sequence[BaseRoute]
+    ) -> None:
+        self._endpoint = endpoint
+        self._access = access
         exact: set[str] = set()
         prefixes: list[str] = []
         for route in routes:
@@ -169,13 +187,25 @@ class ProxyFastPath:
         self._exact = frozenset(exact)
         self._prefixes = tuple(prefixes)
 
+    def claims(self, scope: Scope) -> bool:
+        if scope["type"] != "http" or scope.get("root_path"):
+            return False
+        path: str = scope["path"]
+        return path not in self._exact and not path.startswith(self._prefixes)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path"):
-            path: str = scope["path"]
-            if path not in self._exact and not path.startswith(self._prefixes):
-                await self._proxy(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        started = time.perf_counter()
+        request_id = incoming_request_id(scope["headers"]) or new_request_id()
+        context = scope[CONTEXT_KEY] = RequestContext(request_id=request_id)
+        token = current_request_id.set(request_id)
+        try:
+            await self._endpoint.handle(scope, receive, send, context)
+        except Exception as exc:
+            await self._endpoint.failed(exc, scope, receive, send, context)
+        finally:
+            current_request_id.reset(token)
+            status = context.status if context.status is not None else CLIENT_CLOSED_REQUEST
+            self._access.record(scope["method"], context, status, time.perf_counter() - started)
 
 
 class ProxyEndpoint:
@@ -183,6 +213,9 @@ class ProxyEndpoint:
 
     def __init__(self, gateway: Gateway) -> None:
         self._gw = gateway
+        self._own_headers = own_answer_headers(https=gateway.settings.is_https)
+        self._max_header_bytes = gateway.settings.limits.max_header_bytes
+        self._max_body_bytes = gateway.settings.limits.max_body_bytes
         # The request headers the hot path reads, collected in one pass.
         self._wanted = frozenset(
             {
@@ -197,33 +230,63 @@ class ProxyEndpoint:
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Through the router (the fast path calls :meth:`serve`)."""
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await self._gw.websockets(scope, receive, send)
             return
+        await self.serve(scope, receive, send, request_context(scope))
+
+    async def serve(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext
+    ) -> None:
+        """Proxy one HTTP request; the status sent ends up in ``context.status``."""
         try:
-            await self._handle(scope, receive, send)
-        except GatewayError as exc:
-            if isinstance(exc, LoginRequired):
-                # Every 401 tells the SPA where to go (also when the broker raised it).
-                exc.extra.setdefault("login_url", self._gw.login_url)
-            await render_error(exc)(scope, receive, send)
-        except ClientDisconnected:
+            await self.handle(scope, receive, send, context)
+        except Exception as exc:
+            await self.failed(exc, scope, receive, send, context)
+
+    async def failed(
+        self, exc: Exception, scope: Scope, receive: Receive, send: Send, context: RequestContext
+    ) -> None:
+        """Answer what :meth:`handle` raised, unless an answer has started already."""
+        if isinstance(exc, ClientDisconnected):
             return
+        if not isinstance(exc, GatewayError):
+            # Like Starlette's last-resort handler: the type only (an exception's arguments
+            # may hold secrets), and a JSON 500.
+            logger.error("unhandled %s on %s", type(exc).__name__, scope["path"])
+            exc = GatewayError("unexpected error")
+        elif isinstance(exc, LoginRequired):
+            # Every 401 tells the SPA where to go (also when the broker raised it).
+            exc.extra.setdefault("login_url", self._gw.login_url)
+        if context.status is None:
+            await self.render(exc, scope, receive, send, context)
+
+    async def render(
+        self, exc: GatewayError, scope: Scope, receive: Receive, send: Send, context: RequestContext
+    ) -> None:
+        """The JSON error, with the gateway's security headers and the request id."""
+        response = render_error(exc)
+        response.raw_headers += self._own_headers
+        response.raw_headers.append((REQUEST_ID_HEADER, context.request_id.encode()))
+        context.status = exc.status_code
+        await response(scope, receive, send)
 
     def _limits(self, size: int, length: str | None, route: Route) -> int:
-        settings = self._gw.settings
-        if size > settings.limits.max_header_bytes:
+        if size > self._max_header_bytes:
             raise HeadersTooLarge("the request headers are too large")
         limit = route.settings.max_body_bytes
-        limit = settings.limits.max_body_bytes if limit is None else limit
+        limit = self._max_body_bytes if limit is None else limit
         if limit and length is not None and length.strip().isdigit() and int(length) > limit:
             raise PayloadTooLarge(f"the request body is over {limit} bytes")
         return limit
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext
+    ) -> None:
+        """Route, session, CSRF, token, upstream; raises what :meth:`failed` answers."""
         gw = self._gw
-        context = request_context(scope)
         context.route = UNMATCHED_ROUTE  # until a configured route matches
         raw_path = scope.get("raw_path") or scope["path"].encode()
         path = _plain_path(raw_path.decode("latin-1"))
@@ -241,7 +304,7 @@ class ProxyEndpoint:
             session = await gw.sessions.current(found.get(b"cookie"))
             if session is None:
                 if method == "GET" and "text/html" in (found.get(b"accept") or ""):
-                    await self._redirect_to_login(scope, send, path)
+                    await self._redirect_to_login(scope, send, path, context)
                     return
                 raise LoginRequired("no valid session", login_url=gw.login_url)
             context.sub = session.sub
@@ -257,6 +320,7 @@ class ProxyEndpoint:
             host=gw.public_host,
             bearer=bearer,
             forward_cookies=route.settings.forward_cookies,
+            request_id=context.request_id,
         )
         body = _RequestBody(receive, limit) if _has_body(method, found) else None
         sent_at = time.perf_counter()
@@ -275,46 +339,78 @@ class ProxyEndpoint:
             raise
         finally:
             context.upstream_seconds = time.perf_counter() - sent_at  # to response headers
+        mark_relayed()  # through SecurityHeadersMiddleware: the upstream's headers stay as sent
         try:
+            context.status = upstream.status
             await send(
                 {
                     "type": "http.response.start",
                     "status": upstream.status,
                     "headers": filter_response_headers(
-                        upstream.headers, gateway_cookies=gw.sessions.cookie_names_bytes
+                        upstream.headers,
+                        gateway_cookies=gw.sessions.cookie_names_bytes,
+                        request_id=context.request_id.encode(),
                     ),
                 }
             )
-            done = False  # the last chunk went out with more_body False: no empty message
-            if method != "HEAD":
-                with gw.connections.stream(session_id) as stream:
-                    try:
-                        async for chunk in upstream.body:
-                            if stream.ended:
-                                break
-                            done = upstream.at_eof()
-                            await send(
-                                {"type": "http.response.body", "body": chunk, "more_body": not done}
-                            )
-                    except GatewayError:
-                        return  # logged where it happened; the client sees a truncated body
-                if stream.ended and not _is_event_stream(upstream.headers):
-                    return  # the session ended mid-body: truncated, never passed off as whole
-            if not done:
+            if method == "HEAD":
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+            else:
+                await self._relay_body(upstream, send, session_id)
         finally:
             upstream.close()
 
-    async def _redirect_to_login(self, scope: Scope, send: Send, path: str) -> None:
+    async def _relay_body(
+        self, upstream: UpstreamResponse, send: Send, session_id: str | None
+    ) -> None:
+        """The upstream body, its last chunk sent with ``more_body`` False (no extra message).
+
+        A body that arrives in one read (most API answers) goes out at once. A longer one,
+        an event stream above all, registers with the connections registry while it is
+        relayed, so that the end of its session (logout, back-channel logout) cuts it short.
+        """
+        body = upstream.body
+        try:
+            chunk = await anext(body, b"")
+        except GatewayError:
+            return  # logged where it happened; the client sees a truncated body
+        if not chunk or upstream.at_eof():
+            await send({"type": "http.response.body", "body": chunk, "more_body": False})
+            return
+        with self._gw.connections.stream(session_id) as stream:
+            try:
+                while not stream.ended:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    chunk = await anext(body, b"")
+                    if not chunk:
+                        break
+                    if upstream.at_eof() and not stream.ended:
+                        await send({"type": "http.response.body", "body": chunk})
+                        return
+            except GatewayError:
+                return
+        if stream.ended and not _is_event_stream(upstream.headers):
+            return  # the session ended mid-body: truncated, never passed off as whole
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _redirect_to_login(
+        self, scope: Scope, send: Send, path: str, context: RequestContext
+    ) -> None:
         """A navigation without a session goes to login and comes back here afterwards."""
         query = scope.get("query_string", b"").decode("latin-1")
         target = path + (f"?{query}" if query else "")
         location = f"{self._gw.login_url}?return_to={quote(target, safe='')}"
+        context.status = 302
         await send(
             {
                 "type": "http.response.start",
                 "status": 302,
-                "headers": [(b"location", location.encode()), (b"cache-control", b"no-store")],
+                "headers": [
+                    (b"location", location.encode()),
+                    (b"cache-control", b"no-store"),
+                    *self._own_headers,
+                    (REQUEST_ID_HEADER, context.request_id.encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": b""})

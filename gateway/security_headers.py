@@ -3,19 +3,17 @@
 Gateway-owned are the responses of its own paths (``/auth/*``, ``/healthz``, ``/readyz``,
 ``/metrics``) and, on any other path, the JSON errors and redirects it renders itself (401, 404,
 413, 502 ...). What an upstream answered is relayed untouched: its headers are its own business.
-The proxy marks a request as relayed once the upstream has answered (:class:`MarkRelayed`,
-around the upstream client), through a per-request marker held in a context variable.
+The proxy marks a request as relayed once the upstream has answered (:func:`mark_relayed`),
+through a per-request marker held in a context variable. The proxy's fast path skips this
+middleware altogether and adds :func:`own_answer_headers` to the answers it renders.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from .proxy import UpstreamClient, UpstreamResponse
 
 OWNED_PREFIXES = ("/auth/",)
 OWNED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -47,28 +45,13 @@ def mark_relayed() -> None:
         marker.relayed = True
 
 
-class MarkRelayed:
-    """An UpstreamClient that marks the request as relayed once the upstream answered."""
+def own_answer_headers(*, https: bool) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers for a JSON error or a redirect the proxy renders itself on a proxied path.
 
-    def __init__(self, inner: UpstreamClient) -> None:
-        self.inner = inner
-
-    async def send(
-        self,
-        method: str,
-        url: str,
-        headers: list[tuple[str, str]],
-        body: AsyncIterator[bytes] | None,
-        *,
-        timeout: float,
-        route: str,
-    ) -> UpstreamResponse:
-        response = await self.inner.send(method, url, headers, body, timeout=timeout, route=route)
-        mark_relayed()
-        return response
-
-    async def close(self) -> None:
-        await self.inner.close()
+    The proxy's fast path runs outside this middleware (``proxy_endpoint.ProxyFastPath``), so
+    it adds them to its own answers; through the middleware they are already present and not
+    added twice."""
+    return _ALWAYS + (_CSP,) + ((_HSTS,) if https else ())
 
 
 def is_owned_path(path: str) -> bool:

@@ -1,0 +1,191 @@
+"""The proxy's fast path (ProxyFastPath): what the skipped middlewares did, it does itself.
+
+Proxied requests bypass Starlette's error middleware, AccessLogMiddleware and
+SecurityHeadersMiddleware; these tests hold the fast path to the same contract through the real
+app: request ids in and out, metrics and the access line, security headers on the gateway's own
+answers only, a JSON 500 for an unexpected error, and the gateway's own paths still routed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import httpx
+import pytest
+import respx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Mount, Route
+
+from gateway import create_app
+from gateway.observability import JSONFormatter
+from gateway.proxy import UpstreamResponse
+
+from .conftest import make_settings
+from .fakes import RecordingUpstream
+
+pytestmark = pytest.mark.anyio
+
+SECURITY = ("x-content-type-options", "referrer-policy", "x-frame-options")
+
+
+class RelayingUpstream(RecordingUpstream):
+    """Answers with its own X-Request-ID, a Connection header and a JSON body."""
+
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        response = await super().send(*args, **kwargs)
+        response.headers = (
+            (b"Content-Type", b"application/json"),
+            (b"X-Request-ID", b"upstream-id"),
+            (b"Connection", b"keep-alive"),
+            (b"Content-Length", b"2"),
+        )
+        return response
+
+
+class FailingUpstream(RecordingUpstream):
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        raise RuntimeError("secret-detail")
+
+
+def _client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app, raise_app_exceptions=False),
+        base_url="https://app.example.com",
+    )
+
+
+def _upstream_header(upstream: RecordingUpstream, name: str) -> list[str]:
+    [(_url, headers)] = upstream.calls
+    return [v for k, v in headers if k == name]
+
+
+@pytest.fixture
+def access_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.INFO, logger="gateway.access")
+    return caplog
+
+
+def _metric(app: Starlette, name: str, **labels: str) -> float | None:
+    value = app.state.gateway.metrics.registry.get_sample_value(name, labels)
+    return value if value is None else float(value)
+
+
+async def test_request_id_generated_then_sent_upstream_and_back() -> None:
+    upstream = RelayingUpstream()
+    app = create_app(make_settings(), upstream=upstream)
+    async with _client(app) as client:
+        response = await client.get("/status/x")
+    request_id = response.headers["x-request-id"]
+    assert len(request_id) == 32 and request_id != "upstream-id"
+    assert response.headers.get_list("x-request-id") == [request_id]  # the upstream's replaced
+    assert _upstream_header(upstream, "x-request-id") == [request_id]
+    assert "connection" not in response.headers or response.headers["connection"] != "keep-alive"
+
+
+@pytest.mark.parametrize(("sent", "kept"), [("rid-1.a_b", True), ("bad id!", False)])
+async def test_incoming_request_id_kept_when_valid(sent: str, kept: bool) -> None:
+    upstream = RecordingUpstream()
+    app = create_app(make_settings(), upstream=upstream)
+    async with _client(app) as client:
+        response = await client.get("/status/x", headers={"X-Request-ID": sent})
+    request_id = response.headers["x-request-id"]
+    assert (request_id == sent) is kept
+    assert _upstream_header(upstream, "x-request-id") == [request_id]
+
+
+async def test_relayed_answers_keep_their_headers_own_answers_get_security_headers(
+    idp: respx.MockRouter,
+) -> None:
+    app = create_app(make_settings(), upstream=RelayingUpstream())
+    async with _client(app) as client:
+        relayed = await client.get("/status/x")
+        unauthenticated = await client.get("/api/x", headers={"X-CSRF": "1"})
+        unmatched = await client.get("/nowhere")
+        navigation = await client.get("/api/x", headers={"Accept": "text/html"})
+    assert relayed.status_code == 200
+    assert not any(name in relayed.headers for name in SECURITY)
+    for own in (unauthenticated, unmatched, navigation):
+        assert all(name in own.headers for name in SECURITY), own.status_code
+        assert own.headers["content-security-policy"].startswith("default-src 'none'")
+        assert len(own.headers["x-request-id"]) == 32
+    assert unauthenticated.status_code == 401
+    assert unauthenticated.json()["login_url"] == "https://app.example.com/auth/login"
+    assert unmatched.status_code == 404 and unmatched.json()["error"] == "not_found"
+    assert (
+        navigation.status_code == 302 and "return_to=%2Fapi%2Fx" in navigation.headers["location"]
+    )
+    assert "strict-transport-security" in unauthenticated.headers  # public_url is https
+
+
+async def test_fast_path_counts_and_logs_every_answer(access_log: pytest.LogCaptureFixture) -> None:
+    app = create_app(make_settings(), upstream=RecordingUpstream())
+    async with _client(app) as client:
+        await client.get("/status/a")
+        await client.get("/status/b")
+        await client.get("/nowhere")
+    assert _metric(app, "gateway_requests_total", route="status", status="200") == 2
+    assert _metric(app, "gateway_requests_total", route="unmatched", status="404") == 1
+    assert _metric(app, "gateway_upstream_duration_seconds_count", route="status") == 2
+    assert _metric(app, "gateway_request_duration_seconds_count", route="status") == 2
+    formatter = JSONFormatter()
+    lines = [
+        json.loads(formatter.format(r)) for r in access_log.records if r.name == "gateway.access"
+    ]
+    assert [(line["route"], line["status"]) for line in lines] == [
+        ("status", 200),
+        ("status", 200),
+        ("unmatched", 404),
+    ]
+    assert all(len(line["request_id"]) == 32 for line in lines)
+
+
+async def test_unexpected_error_is_a_json_500_logged_by_type_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    app = create_app(make_settings(), upstream=FailingUpstream())
+    async with _client(app) as client:
+        response = await client.get("/status/x")
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal_error", "message": "unexpected error"}
+    assert all(name in response.headers for name in SECURITY)
+    assert _metric(app, "gateway_requests_total", route="status", status="500") == 1
+    assert "RuntimeError" in caplog.text and "secret-detail" not in caplog.text
+
+
+async def test_gateway_paths_and_mounted_apps_still_take_the_router() -> None:
+    app = create_app(make_settings(), upstream=RecordingUpstream())
+    fast_path = app.fast_path  # type: ignore[attr-defined]
+    assert fast_path is not None
+    for path in ("/healthz", "/metrics", "/auth/login", "/auth/callback"):
+        assert not fast_path.claims({"type": "http", "path": path})
+    assert not fast_path.claims({"type": "http", "path": "/status/x", "root_path": "/gw"})
+    assert not fast_path.claims({"type": "websocket", "path": "/status/x"})
+    assert fast_path.claims({"type": "http", "path": "/status/x"})
+    async with _client(app) as client:
+        health = await client.get("/healthz")
+        assert health.status_code == 200 and health.json() == {"status": "ok"}
+        # The gateway's own paths keep getting their headers from the middleware.
+        assert health.headers["cache-control"] == "no-store"
+        assert all(name in health.headers for name in SECURITY)
+        # Not a gateway path (the proxy answers it either way): the same headers.
+        other = await client.get("/auth/anything")
+        assert other.status_code == 404 and other.headers["cache-control"] == "no-store"
+        assert all(name in other.headers for name in SECURITY)
+
+    async def mine(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("mine")
+
+    # As the README shows: the embedding app's own routes first, the gateway mounted at "/".
+    outer = Starlette(routes=[Route("/mine", mine), Mount("/", app)])
+    upstream = app.state.gateway.upstream
+    async with _client(outer) as client:
+        own = await client.get("/mine")
+        mounted = await client.get("/status/x")
+    assert own.text == "mine" and "x-request-id" not in own.headers
+    assert mounted.status_code == 200 and len(mounted.headers["x-request-id"]) == 32
+    assert upstream.calls[-1][0] == "http://127.0.0.1:9/x"
