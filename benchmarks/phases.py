@@ -117,7 +117,6 @@ def store_comparison(
                 }
             },
             "gateway, memory store, access log on": {"access_log": True},
-            "gateway, memory store, gc.freeze() before serving": {},
         }
         gateways: dict[str, tuple[str, tuple[int, ...]]] = {
             "gateway, memory store": (memory[0], (memory[1],))
@@ -129,8 +128,7 @@ def store_comparison(
                 config = stack.gateway_config(
                     idp, port=port, upstream=urls["upstream"], sink=urls["sink"], **options
                 )
-                env = {"PYTHONPATH": str(ROOT / "benchmarks" / "gc_freeze")} if "gc" in name else {}
-                process = stop.enter_context(stack.gateway_process(config, port, env=env))
+                process = stop.enter_context(stack.gateway_process(config, port))
                 pids = (stack.gateway_pid(process), *([redis_pid] if "redis" in name else []))
                 gateways[name] = (process.base_url, pids)
             cookies = {url: asyncio.run(login(url, idp)) for url, _ in gateways.values()}
