@@ -162,7 +162,7 @@ def _scope(path: str, cookie: str) -> dict[str, Any]:
 async def _prepare() -> tuple[Any, str]:
     app = create_app(Settings(**_SETTINGS), upstream=InstantUpstream())
     gw = app.state.gateway
-    gw._started = True  # no IdP: discovery and JWKS are not needed for a cached token
+    gw.started = True  # no IdP: discovery and JWKS are not needed for a cached token
     session, set_cookie = await gw.sessions.create(
         sub="user-1", sid="sid-1", refresh_token="rt", id_token=None, claims={"sub": "user-1"}
     )

@@ -114,7 +114,8 @@ class Gateway:
         self.public_scheme = public.scheme
         self.public_host = public.netloc
         self.csrf_header = settings.csrf.header.lower().encode()
-        self._started = False
+        self.allowed_origins = tuple(settings.allowed_origins)
+        self.started = False  # discovery and JWKS fetched (ensure_started)
         self._start_lock = asyncio.Lock()
         self._start_failure: tuple[float, GatewayError | None] = (0.0, None)
 
@@ -125,10 +126,10 @@ class Gateway:
         answer 503 at once instead of each retrying an unreachable IdP in turn. ``fresh``
         (readiness probes) always tries again.
         """
-        if self._started:
+        if self.started:
             return
         async with self._start_lock:
-            if self._started:
+            if self.started:
                 return
             failed_at, failure = self._start_failure
             recent = time.monotonic() - failed_at < _START_RETRY_SECONDS
@@ -145,7 +146,7 @@ class Gateway:
             except GatewayError as exc:
                 self._start_failure = (time.monotonic(), exc)
                 raise
-            self._started = True
+            self.started = True
 
     async def startup(self) -> None:
         self.metrics_port = self.metrics.start_listener(self.settings.metrics)

@@ -116,28 +116,20 @@ async def bearer_for(gw: Gateway, route: Route, session: Session, method: str, s
     One policy for a token, shared by this proxy and forward-auth (whose ``scope`` carries the
     original request's headers and ``method`` its original method).
     """
-    return await _bearer(
-        gw, route, session, method, lambda name: first_header(scope["headers"], name)
-    )
-
-
-async def _bearer(
-    gw: Gateway,
-    route: Route,
-    session: Session,
-    method: str,
-    header: Callable[[bytes], str | None],
-) -> str:
     if route.settings.csrf:
-        check_csrf(
-            method=method,
-            header_value=header(gw.csrf_header),
-            expected_value=gw.settings.csrf.value,
-            origin=header(b"origin"),
-            sec_fetch_site=header(b"sec-fetch-site"),
-            allowed_origins=gw.settings.allowed_origins,
-        )
+        _check_csrf(gw, method, lambda name: first_header(scope["headers"], name))
     return await gw.broker.access_token(session, route)
+
+
+def _check_csrf(gw: Gateway, method: str, header: Callable[[bytes], str | None]) -> None:
+    check_csrf(
+        method=method,
+        header_value=header(gw.csrf_header),
+        expected_value=gw.settings.csrf.value,
+        origin=header(b"origin"),
+        sec_fetch_site=header(b"sec-fetch-site"),
+        allowed_origins=gw.allowed_origins,
+    )
 
 
 def _is_event_stream(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
@@ -300,7 +292,8 @@ class ProxyEndpoint:
         bearer: str | None = None
         session_id: str | None = None  # streamed answers end with the session (connections.py)
         if route.needs_token:
-            await gw.ensure_started()  # `auth: none` routes work while the IdP is down
+            if not gw.started:  # `auth: none` routes work while the IdP is down
+                await gw.ensure_started()
             session = await gw.sessions.current(found.get(b"cookie"))
             if session is None:
                 if method == "GET" and "text/html" in (found.get(b"accept") or ""):
@@ -309,7 +302,9 @@ class ProxyEndpoint:
                 raise LoginRequired("no valid session", login_url=gw.login_url)
             context.sub = session.sub
             session_id = session.id
-            bearer = await _bearer(gw, route, session, method, found.get)
+            if route.settings.csrf:
+                _check_csrf(gw, method, found.get)
+            bearer = await gw.broker.access_token(session, route)
         query = scope.get("query_string", b"").decode("latin-1")
         url = route.upstream_url(path, query)
         headers = build_upstream_headers(
