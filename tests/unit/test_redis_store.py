@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from gateway.crypto import SessionCipher
 from gateway.errors import ConfigError, LoginRequired, SessionStoreUnavailable
 from gateway.sessions import CachedToken, Session
-from gateway.sessions.redis import RedisSessionStore
+from gateway.sessions.redis import DECODED_CACHE_SIZE, RedisSessionStore
 from gateway.settings import Settings
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -48,6 +48,7 @@ async def redis_store(
     clock: Callable[[], float] = time.time,
     timeout: float = 2.0,
     lock_timeout: float = 15.0,
+    decoded_cache_size: int = DECODED_CACHE_SIZE,
 ) -> AsyncIterator[RedisSessionStore]:
     """A store under a fresh key prefix, whose keys are deleted on exit; or under ``prefix``,
     another instance of the same gateway (the owner of the prefix cleans up)."""
@@ -61,6 +62,7 @@ async def redis_store(
         clock=clock,
         timeout=timeout,
         lock_timeout=lock_timeout,
+        decoded_cache_size=decoded_cache_size,
     )
     try:
         yield store
@@ -309,6 +311,168 @@ async def test_redis_store_pending_login_is_single_use_across_instances() -> Non
             await first.put_login("state-x", {"verifier": "v"}, ttl=60)
             assert await second.pop_login("state-x") == {"verifier": "v"}
             assert await first.pop_login("state-x") is None
+
+
+# The decoded-session cache: every load reads Redis, only an unchanged blob skips decoding
+
+
+@pytest.fixture
+def decrypts(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The blobs SessionCipher.decrypt is asked to open, in order."""
+    seen: list[bytes] = []
+    original = SessionCipher.decrypt
+
+    def counting(self: SessionCipher, blob: bytes, *, aad: bytes) -> bytes:
+        seen.append(blob)
+        return original(self, blob, aad=aad)
+
+    monkeypatch.setattr(SessionCipher, "decrypt", counting)
+    return seen
+
+
+async def test_redis_store_unchanged_session_is_decrypted_once(
+    store: RedisSessionStore, decrypts: list[bytes]
+) -> None:
+    session = make_session()
+    await store.save(session)
+    loads = [await store.load(session.id) for _ in range(5)]
+    assert len(decrypts) == 1
+    assert all(s is not None and s.refresh_token == session.refresh_token for s in loads)
+    assert len({id(s) for s in loads}) == 5  # a private object per load
+
+
+async def test_redis_store_session_rotated_by_another_instance_is_seen_at_once(
+    decrypts: list[bytes],
+) -> None:
+    async with redis_store() as first:
+        async with redis_store(prefix=prefix_of(first)) as second:
+            session = make_session()
+            await first.save(session)
+            assert await first.load(session.id) is not None  # cached on the first instance
+            current = await second.load(session.id)
+            assert current is not None
+            rotated = replace(
+                current, refresh_token="rt-rotated", rt_version=1, claims={"email": "new@x"}
+            )
+            await second.save(rotated)
+            seen = await first.load(session.id)
+            assert seen is not None and seen.refresh_token == "rt-rotated"
+            assert seen.rt_version == 1 and seen.claims == {"email": "new@x"}
+            assert len(decrypts) == 3  # first, second, then first again for the new blob
+
+
+async def test_redis_store_session_deleted_by_another_instance_is_gone_at_once() -> None:
+    async with redis_store() as first:
+        async with redis_store(prefix=prefix_of(first)) as second:
+            session = make_session()
+            await first.save(session)
+            assert await first.load(session.id) is not None
+            assert len(first._decoded) == 1
+            await second.delete(session.id)
+            assert await first.load(session.id) is None
+            assert len(first._decoded) == 0  # no decrypted refresh token left behind
+
+
+async def test_redis_store_cached_session_does_not_mask_a_replaced_blob(
+    store: RedisSessionStore, raw: Redis
+) -> None:
+    victim, other = make_session(), make_session()
+    await store.save(victim)
+    await store.save(other)
+    assert await store.load(other.id) is not None  # cached
+    prefix = prefix_of(store)
+    await raw.hset(
+        f"{prefix}sess:{other.id}", "d", await raw.hget(f"{prefix}sess:{victim.id}", "d")
+    )
+    assert await store.load(other.id) is None
+    await raw.hset(f"{prefix}sess:{other.id}", "d", b"\x01garbage" * 8)
+    assert await store.load(other.id) is None
+
+
+async def test_redis_store_save_touch_and_delete_keep_the_cache_coherent(
+    store: RedisSessionStore, raw: Redis, decrypts: list[bytes]
+) -> None:
+    session = make_session(last_seen=time.time() - 30)
+    await store.save(session)
+    loaded = await store.load(session.id)
+    assert loaded is not None and loaded.last_seen == session.last_seen
+    # touch rewrites the idle deadline and "seen", not the blob: still no new decrypt.
+    await store.touch(loaded)
+    touched = await store.load(session.id)
+    assert touched is not None and touched.last_seen == loaded.last_seen > session.last_seen
+    assert len(decrypts) == 1
+    # A rotation saved by this instance is what the next load returns.
+    await store.save(replace(touched, refresh_token="rt-2", rt_version=1))
+    rotated = await store.load(session.id)
+    assert rotated is not None and (rotated.refresh_token, rotated.rt_version) == ("rt-2", 1)
+    assert len(decrypts) == 2
+    assert (await store.delete(session.id)) is not None
+    assert await store.load(session.id) is None
+    assert len(store._decoded) == 0
+
+
+async def test_redis_store_idle_expired_session_is_dropped_from_the_cache() -> None:
+    clock = [time.time()]
+    async with redis_store(clock=lambda: clock[0]) as store:
+        session = make_session()
+        await store.save(session)
+        assert await store.load(session.id) is not None
+        clock[0] += IDLE + 1  # the idle deadline passed (Redis's own TTL has not yet)
+        assert await store.load(session.id) is None
+        assert len(store._decoded) == 0
+
+
+async def test_redis_store_loaded_sessions_do_not_share_mutations(
+    store: RedisSessionStore,
+) -> None:
+    session = make_session()
+    await store.save(session)
+    decoded = await store.load(session.id)
+    cached = await store.load(session.id)
+    assert decoded is not None and cached is not None
+    # What SessionManager.current does to its copy before touch, and what a careless caller
+    # could do: none of it reaches another request's session.
+    for mine in (decoded, cached):
+        mine.last_seen = 123.0
+        mine.refresh_token = "rt-mutated"
+        mine.rt_version = 9
+        claims = mine.claims  # read-only by contract, a dict at run time: change it anyway
+        assert isinstance(claims, dict)
+        claims["email"] = "mallory@example.com"
+    later = await store.load(session.id)
+    assert later is not None and later is not decoded and later is not cached
+    assert later.last_seen == session.last_seen
+    assert (later.refresh_token, later.rt_version) == (session.refresh_token, 0)
+    assert later.claims == {"email": "alice@example.com"}
+
+
+async def test_redis_store_decoded_cache_is_bounded(decrypts: list[bytes]) -> None:
+    async with redis_store(decoded_cache_size=2) as store:
+        sessions = [make_session() for _ in range(4)]
+        for session in sessions:
+            await store.save(session)
+            assert await store.load(session.id) is not None
+        assert len(store._decoded) == 2
+        for session in sessions:  # evicted or not, every one still loads correctly
+            loaded = await store.load(session.id)
+            assert loaded is not None and loaded.id == session.id
+        assert len(store._decoded) == 2
+        await store.close()
+        assert len(store._decoded) == 0
+
+
+async def test_redis_store_find_and_delete_use_but_do_not_fill_the_cache(
+    store: RedisSessionStore, decrypts: list[bytes]
+) -> None:
+    cached, other = make_session(), make_session()
+    await store.save(cached)
+    await store.save(other)
+    assert await store.load(cached.id) is not None
+    assert sorted(await store.find(sub=cached.sub)) == sorted([cached.id, other.id])
+    assert len(store._decoded) == 1 and len(decrypts) == 2  # only ``other`` was decrypted
+    removed = await store.delete(cached.id)
+    assert removed is not None and removed.refresh_token == cached.refresh_token
+    assert len(decrypts) == 2 and len(store._decoded) == 0
 
 
 # Key rotation
