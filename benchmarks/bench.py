@@ -43,6 +43,7 @@ class Bench:
         *,
         headers: dict[str, str] | None = None,
         pids: tuple[int, ...] = (),
+        record: bool = True,
     ) -> Row:
         """Warm up, then one recorded wrk run of ``args.duration`` seconds on ``url + body``;
         ``pids``: the servers whose CPU time per request is recorded (with their children)."""
@@ -76,7 +77,8 @@ class Bench:
         cpu_us = 1e6 * cpu / result.requests if pids and result.requests else None
         check_clean(result, expect_body=size, label=label)
         row = Row(section, target, body, connections, result, started_load, foreign, cpu_us)
-        self.results.rows.append(row)
+        if record:
+            self.results.rows.append(row)
         print(
             f"  {label:<62} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
             f"p99 {result.p99_ms:7.2f} ms  cpu {cpu_us or 0:5.0f} us/req  "

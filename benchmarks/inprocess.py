@@ -3,7 +3,8 @@
 A fake upstream answers at once with a 207-byte JSON, so what is measured is the gateway's code
 path alone (middleware, routing, session, token cache, header rewriting, relay), per route kind:
 ``auth: none`` and a token route (session + cached token), beside ``bare``: the bare proxy's
-per-request work over the same fake upstream. Deterministic enough to compare two
+per-request work over the same fake upstream. With ``--upstream URL`` both use a real upstream
+through their real aiohttp clients (only uvicorn is left out). Deterministic enough to compare two
 versions of the code on one machine in seconds, where wrk's req/s moves with background load:
 
     .venv/bin/python -m benchmarks.inprocess            # best of 5 x 5,000 requests per kind
@@ -159,8 +160,12 @@ def _scope(path: str, cookie: str) -> dict[str, Any]:
     }
 
 
-async def _prepare() -> tuple[Any, str]:
-    app = create_app(Settings(**_SETTINGS), upstream=InstantUpstream())
+async def _prepare(upstream_url: str | None) -> tuple[Any, str]:
+    settings = dict(_SETTINGS)
+    if upstream_url:
+        settings["routes"] = [dict(r, upstream=upstream_url) for r in _SETTINGS["routes"]]
+    fake = None if upstream_url else InstantUpstream()
+    app = create_app(Settings(**settings), upstream=fake)
     gw = app.state.gateway
     gw.started = True  # no IdP: discovery and JWKS are not needed for a cached token
     session, set_cookie = await gw.sessions.create(
@@ -192,11 +197,16 @@ async def _run(app: Any, scope: dict[str, Any], count: int) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    app, cookie = await _prepare()
+    app, cookie = await _prepare(args.upstream)
+    bare: Any = BareInProcess()
+    if args.upstream:
+        from .bare_proxy import BareProxy  # the benchmark's bare proxy app itself
+
+        bare = BareProxy(args.upstream)
     kinds = {
-        "bare": (BareInProcess(), _scope("/pub/small.json", "")),
+        "bare": (bare, _scope("/small.json", "")),
         "auth: none": (app, _scope("/pub/small.json", "")),
-        "token route": (app, _scope("/api/x", cookie)),
+        "token route": (app, _scope("/api/small.json", cookie)),
     }
     for name, (target, scope) in kinds.items():
         if args.kind and name != args.kind:
@@ -221,6 +231,11 @@ def main() -> None:
     parser.add_argument("--profile-kind", default="token route")
     parser.add_argument("--kind", help="only this kind: bare, 'auth: none' or 'token route'")
     parser.add_argument("--warmup", type=int, default=500)
+    parser.add_argument(
+        "--upstream",
+        help="a real upstream (e.g. nginx serving /small.json): the gateway's aiohttp client "
+        "and benchmarks/bare_proxy.py's app instead of the instant fake",
+    )
     args = parser.parse_args()
     try:
         import uvloop

@@ -16,7 +16,7 @@ from tests.e2e.servers import API, BILLING, free_port, start_idp
 from . import stack
 from .bench import LARGE, SMALL, Bench, check_route, login, session_headers
 from .machine import RssSampler, mib, rss_bytes
-from .report import TOKEN, economy_expected
+from .report import TOKEN, Row, economy_expected
 from .upstream import SMALL_JSON
 from .wrk import check_clean, run_wrk
 
@@ -65,16 +65,34 @@ def transfers(bench: Bench, gateway_url: str, pid: int, *, size: int, download_p
 Targets = dict[str, tuple[str, tuple[int, ...]]]  # name -> (URL prefix, server pids)
 
 
+def median_row(rows: list[Row]) -> Row:
+    """The run with the median req/s (``--repeat`` runs of one cell)."""
+    return sorted(rows, key=lambda row: row.load.rps)[len(rows) // 2]
+
+
 def proxy_grid(bench: Bench, section: str, targets: Targets, pid: int | None) -> None:
     """Every target at every connection count, small and large bodies; targets interleaved
-    per cell so that drift in the background load hits them alike. ``pid``: the gateway,
+    per cell so that drift in the background load hits them alike, ``--repeat`` rounds per
+    cell (each starting with another target), the median run recorded. ``pid``: the gateway,
     whose peak RSS is recorded."""
     sampler = RssSampler(pid) if pid is not None else None
+    names = list(targets)
     try:
         for body in bench.bodies:
             for connections in bench.args.connections:
-                for target, (url, pids) in targets.items():
-                    bench.measure(section, target, body, url, connections, pids=pids)
+                runs: dict[str, list[Row]] = {name: [] for name in names}
+                for turn in range(bench.args.repeat):
+                    # Each round starts with another target: no target always follows another.
+                    shift = turn % len(names)
+                    for target in names[shift:] + names[:shift]:
+                        url, pids = targets[target]
+                        runs[target].append(
+                            bench.measure(
+                                section, target, body, url, connections, pids=pids, record=False
+                            )
+                        )
+                for target in names:
+                    bench.results.rows.append(median_row(runs[target]))
     finally:
         if sampler is not None:
             sampler.stop()

@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmarks/run", description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=10, help="seconds per cell")
     parser.add_argument("--warmup", type=float, default=2, help="unrecorded seconds per cell")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=3,
+        help="rounds of the proxy grid per cell; the median run is recorded",
+    )
     parser.add_argument("--connections", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument(
         "--bodies", default="small,large", help="small (207-byte JSON), large (1 MiB)"
@@ -83,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _apply_smoke(args: argparse.Namespace) -> None:
     if args.smoke:
-        args.duration, args.warmup = 1, 0
+        args.duration, args.warmup, args.repeat = 1, 0, 1
         args.connections = args.connections or [1]
         args.store_connections = args.store_connections or [1]
         args.economy_seconds, args.economy_connections = 3, 4
@@ -132,6 +138,11 @@ def run(args: argparse.Namespace) -> Results:
         load1_before=load1(),
         versions=_versions(),
     )
+    if args.repeat > 1:
+        results.notes.append(
+            f"Proxy overhead rows: the median (by req/s) of {args.repeat} rounds per cell, "
+            "targets interleaved, each round starting with another target."
+        )
     bench = Bench(args=args, plan=plan, results=results)
     plan.pin_servers_here()  # every server started below inherits the server core
     skip = args.skip
