@@ -5,7 +5,9 @@ recording one proxied request (a counter, two histograms, a cache counter) cost 
 of the gateway's own work per request (benchmarks/README.md). These keep plain numbers instead
 (the gateway mutates them from its event loop only) and become metric families when scraped,
 through a collector registered on the gateway's registry. A scrape from the metrics thread reads
-a snapshot: a number written meanwhile shows up in the next scrape.
+a snapshot: a number written meanwhile shows up in the next scrape. Adding a child (a new label
+set: rare, then cached by the caller) and taking the snapshot share a lock: even ``list(d.items())``
+is not atomic, since a garbage collection during it can run Python code and switch threads.
 
 Same names, labels and samples as prometheus-client's Counter and Histogram (``_total``,
 ``_bucket``/``_count``/``_sum``), without ``_created``.
@@ -13,8 +15,9 @@ Same names, labels and samples as prometheus-client's Counter and Histogram (``_
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -59,20 +62,27 @@ class _Family(Collector):
         self._documentation = documentation
         self._labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], object] = {}
+        self._lock = threading.Lock()
         registry.register(self)
 
     def describe(self) -> list[Metric]:
         return []  # unchecked names: these families never clash with the gateway's others
 
+    def _child(self, values: tuple[str, ...], make: Callable[[], object]) -> object:
+        child = self._children.get(values)
+        if child is None:
+            with self._lock:
+                child = self._children.setdefault(values, make())
+        return child
+
     def _snapshot(self) -> list[tuple[tuple[str, ...], object]]:
-        return list(self._children.items())  # a C-level copy: safe against concurrent inserts
+        with self._lock:
+            return list(self._children.items())
 
 
 class CounterFamily(_Family):
     def labels(self, *values: str) -> FastCounter:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = FastCounter()
+        child = self._child(values, FastCounter)
         assert isinstance(child, FastCounter)
         return child
 
@@ -99,9 +109,7 @@ class HistogramFamily(_Family):
         super().__init__(name, documentation, labelnames, registry)
 
     def labels(self, *values: str) -> FastHistogram:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = FastHistogram(self._bounds)
+        child = self._child(values, lambda: FastHistogram(self._bounds))
         assert isinstance(child, FastHistogram)
         return child
 

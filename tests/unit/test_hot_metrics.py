@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 
 import pytest
@@ -46,7 +47,26 @@ def test_same_samples_as_prometheus_client() -> None:
     assert _samples(ours)[("x_seconds_bucket", (("le", "+Inf"), ("route", "api")))] == len(VALUES)
 
 
+class _Cyclic:
+    """Garbage whose collection runs Python code (``__del__``): a thread switch mid-C-loop."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+    def __del__(self) -> None:
+        sum(range(10))
+
+
 def test_scrape_from_another_thread_while_children_are_added() -> None:
+    thresholds = gc.get_threshold()
+    gc.set_threshold(20)  # collections (and __del__ calls) all the time
+    try:
+        _scrape_while_adding()
+    finally:
+        gc.set_threshold(*thresholds)
+
+
+def _scrape_while_adding() -> None:
     registry = CollectorRegistry()
     counter = CounterFamily("y_requests", "Requests.", ["status"], registry)
     errors: list[BaseException] = []
@@ -64,6 +84,7 @@ def test_scrape_from_another_thread_while_children_are_added() -> None:
     try:
         for status in range(20_000):
             counter.labels(str(status)).inc()
+            _Cyclic()
     finally:
         done.set()
         thread.join(timeout=10)
