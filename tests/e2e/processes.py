@@ -10,11 +10,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 import yaml
 
 from .servers import free_port
@@ -79,6 +81,25 @@ class GatewayProcess:
                 self._proc.wait(timeout=5)
         self._log.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"  # the machine's Redis (scripts/services starts it)
+
+
+@contextlib.contextmanager
+def redis_key_prefix(tag: str, url: str = SHARED_REDIS_URL) -> Iterator[str]:
+    """A key prefix of this test alone on a shared Redis; its keys are deleted afterwards."""
+    prefix = f"gwtest-{tag}-{uuid.uuid4().hex[:8]}:"
+    try:
+        yield prefix
+    finally:
+        client = redis.Redis.from_url(url)
+        try:
+            keys = list(client.scan_iter(match=prefix + "*"))
+            if keys:
+                client.delete(*keys)
+        finally:
+            client.close()
 
 
 class RedisProcess:

@@ -8,8 +8,7 @@ import contextlib
 import signal
 import threading
 import time
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +24,13 @@ from gateway import create_app
 from gateway.proxy import AiohttpUpstreamClient
 
 from .gateway_harness import CSRF, GatewayUnderTest, gateway_settings, start_upstreams
+from .processes import SHARED_REDIS_URL, redis_key_prefix
 from .servers import API, CLIENT_ID, IdpProcess, reserve_socket, run_asgi
 from .test_container_entrypoint import image_process
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = SHARED_REDIS_URL
 UPSTREAM_SLEEP = 1.5
 
 
@@ -142,18 +142,10 @@ async def test_sigterm_past_the_grace_period_cancels_the_request_and_exits(
 
 
 @pytest.fixture
-async def redis_names() -> AsyncIterator[tuple[str, str]]:
+def redis_names() -> Iterator[tuple[str, str]]:
     """A client name (to find the gateway's connections) and a key prefix, cleaned up after."""
-    tag = uuid.uuid4().hex[:8]
-    name, prefix = f"gw-lifecycle-{tag}", f"test-lifecycle-{tag}:"
-    yield name, prefix
-    client = redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+    with redis_key_prefix("lifecycle") as prefix:
+        yield f"gw-{prefix.rstrip(':')}", prefix
 
 
 async def _gateway_connections(name: str) -> int:

@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import httpx
 import pytest
-import redis.asyncio as redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from .gateway_harness import CSRF, GatewayUnderTest, run_gateway, start_upstreams
+from .processes import SHARED_REDIS_URL, redis_key_prefix
 from .servers import API, BILLING, OUTSIDE, IdpProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
 ROUTES = {"api": "/api/orders", "billing": "/billing/invoices", "public": "/public/ping"}
 
 
@@ -123,22 +121,15 @@ async def test_concurrent_first_requests_wait_for_one_exchange_and_are_counted_c
 
 
 @pytest.fixture
-async def redis_prefix() -> AsyncIterator[str]:
-    prefix = f"test-metrics-{uuid.uuid4().hex[:8]}:"
-    yield prefix
-    client = redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=prefix + "*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
+def redis_prefix() -> Iterator[str]:
+    with redis_key_prefix("metrics") as prefix:
+        yield prefix
 
 
 async def test_token_minted_by_one_instance_is_a_shared_hit_on_another(
     idp: IdpProcess, redis_prefix: str
 ) -> None:
-    session = {"store": "redis", "redis_url": REDIS_URL, "redis_key_prefix": redis_prefix}
+    session = {"store": "redis", "redis_url": SHARED_REDIS_URL, "redis_key_prefix": redis_prefix}
     with (
         start_upstreams(idp) as upstreams,
         run_gateway(idp, upstreams, session=session) as first,

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
-import redis
 
 from .conftest import IdpFactory
 from .gateway_harness import CSRF, gateway_config, start_upstreams
 from .login import browser_login
-from .processes import GatewayProcess, gateway_processes, redis_process
+from .processes import GatewayProcess, gateway_processes, redis_key_prefix, redis_process
 from .servers import API, BILLING, IdpProcess, Upstream, free_port
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -52,15 +50,10 @@ class Cluster:
 
 @pytest.fixture
 def redis_url() -> Iterator[tuple[str, str]]:
-    """The machine's Redis (127.0.0.1:6379, db 14) with a key prefix of this test only."""
-    prefix = f"gwtest:{uuid.uuid4().hex}:"
+    """The machine's Redis (db 14) with a key prefix of this test only."""
     url = "redis://127.0.0.1:6379/14"
-    yield url, prefix
-    client = redis.Redis.from_url(url)
-    keys = list(client.scan_iter(match=prefix + "*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    with redis_key_prefix("scale", url) as prefix:
+        yield url, prefix
 
 
 @pytest.fixture

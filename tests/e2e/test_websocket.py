@@ -10,19 +10,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
-import redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from .conftest import IdpFactory
 from .gateway_harness import CSRF, GatewayUnderTest, run_gateway, start_upstreams
+from .processes import redis_key_prefix
 from .servers import API, IdpProcess, WebSocketUpstream, start_ws_upstream
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
@@ -298,23 +297,10 @@ async def test_websocket_token_expiry_close_and_reconnect_policies(
     assert renewed[0]["close_code"] == 1000
 
 
-@contextmanager
-def _redis_prefix() -> Iterator[str]:
-    prefix = f"gwtest-ws-{uuid.uuid4().hex[:8]}:"
-    try:
-        yield prefix
-    finally:
-        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
-        keys = list(client.scan_iter(match=f"{prefix}*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
-
-
 async def test_logout_on_another_instance_closes_the_socket_through_redis(
     idp: IdpProcess, ws_upstream: WebSocketUpstream
 ) -> None:
-    with _redis_prefix() as prefix, start_upstreams(idp) as upstreams:
+    with redis_key_prefix("ws") as prefix, start_upstreams(idp) as upstreams:
         shared: dict[str, Any] = {
             "routes": _routes(ws_upstream),
             "session": {"store": "redis", "redis_key_prefix": prefix},
