@@ -4,6 +4,10 @@ What an upstream sees: the client's headers minus hop-by-hop headers (RFC 9110 Â
 cookies (all of them unless the route sets ``forward_cookies``, and the gateway's own always), any
 client ``Authorization`` and any client ``X-Forwarded-*`` /
 ``Forwarded`` (spoofable), plus ``Authorization: Bearer`` and our own ``X-Forwarded-*``.
+
+What a client sees of an upstream answer: its headers minus hop-by-hop ones, minus any
+``Set-Cookie`` for the gateway's own cookies, and minus its ``Date``: the server the gateway runs
+in writes its own (as nginx does), and two ``Date`` fields would make an invalid answer.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ _REQUEST_REMOVE_BY = {
     for forward in (False, True)
     for own_id in (False, True)
 }
-_RESPONSE_REMOVE = frozenset(n.encode() for n in HOP_BY_HOP)
+_RESPONSE_REMOVE = frozenset(n.encode() for n in HOP_BY_HOP) | {b"date"}
 _RESPONSE_REMOVE_ID = _RESPONSE_REMOVE | {_REQUEST_ID}
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade"})
 
@@ -91,28 +95,30 @@ def strip_cookies(cookie_header: bytes, names: frozenset[bytes]) -> bytes:
     return b"; ".join(kept)
 
 
-def build_upstream_headers(
+def scan_request_headers(
     headers: RawHeaders,
     *,
+    wanted: frozenset[bytes],
     gateway_cookies: frozenset[bytes],
-    client_ip: str,
-    proto: str,
-    host: str,
-    bearer: str | None,
     forward_cookies: bool = False,
-    request_id: str | None = None,
-) -> list[tuple[str, str]]:
-    """The request headers an upstream receives (see module docstring); with ``request_id``,
-    that one replaces any ``X-Request-ID`` the client sent.
+    replace_request_id: bool = False,
+) -> tuple[int, dict[bytes, str], list[tuple[str, str]]]:
+    """One pass over a request's headers (this runs on every proxied request): their total
+    size, the first value of each ``wanted`` (lower-case) header, and the client's headers an
+    upstream may see (see module docstring), to which :func:`add_forwarding` adds ours.
 
-    One pass over the headers (this runs on every proxied request); names a ``Connection``
-    header lists, rare in practice, are dropped afterwards.
+    Names a ``Connection`` header lists, rare in practice, are dropped afterwards.
     """
-    remove = _REQUEST_REMOVE_BY[(forward_cookies, request_id is not None)]
+    remove = _REQUEST_REMOVE_BY[(forward_cookies, replace_request_id)]
+    size = 0
+    found: dict[bytes, str] = {}
     out: list[tuple[str, str]] = []
     listed: set[bytes] | None = None
     for raw_name, raw_value in headers:
+        size += len(raw_name) + len(raw_value)
         name = raw_name.lower()
+        if name in wanted and name not in found:
+            found[name] = raw_value.decode("latin-1")
         if name in remove:
             if name == b"connection":
                 listed = _listed(raw_value, _REQUEST_REMOVE, listed)
@@ -125,6 +131,19 @@ def build_upstream_headers(
     if listed:
         dropped = {token.decode("latin-1") for token in listed}
         out = [(name, value) for name, value in out if name not in dropped]
+    return size, found, out
+
+
+def add_forwarding(
+    out: list[tuple[str, str]],
+    *,
+    client_ip: str,
+    proto: str,
+    host: str,
+    bearer: str | None,
+    request_id: str | None,
+) -> list[tuple[str, str]]:
+    """Append the gateway's own request headers to ``out`` (and return it)."""
     out.append(("x-forwarded-for", client_ip))
     out.append(("x-forwarded-proto", proto))
     out.append(("x-forwarded-host", host))
@@ -133,6 +152,31 @@ def build_upstream_headers(
     if request_id is not None:
         out.append(("x-request-id", request_id))
     return out
+
+
+def build_upstream_headers(
+    headers: RawHeaders,
+    *,
+    gateway_cookies: frozenset[bytes],
+    client_ip: str,
+    proto: str,
+    host: str,
+    bearer: str | None,
+    forward_cookies: bool = False,
+    request_id: str | None = None,
+) -> list[tuple[str, str]]:
+    """The request headers an upstream receives (see module docstring); with ``request_id``,
+    that one replaces any ``X-Request-ID`` the client sent."""
+    _, _, out = scan_request_headers(
+        headers,
+        wanted=frozenset(),
+        gateway_cookies=gateway_cookies,
+        forward_cookies=forward_cookies,
+        replace_request_id=request_id is not None,
+    )
+    return add_forwarding(
+        out, client_ip=client_ip, proto=proto, host=host, bearer=bearer, request_id=request_id
+    )
 
 
 def filter_response_headers(

@@ -25,7 +25,7 @@ from .errors import (
     PayloadTooLarge,
     render_error,
 )
-from .headers import build_upstream_headers, filter_response_headers, first_header
+from .headers import add_forwarding, filter_response_headers, first_header, scan_request_headers
 from .metrics import UNMATCHED_ROUTE
 from .observability import (
     CONTEXT_KEY,
@@ -80,20 +80,6 @@ class _RequestBody:
                 yield chunk
             if not message.get("more_body", False):
                 return
-
-
-def _scan_headers(
-    headers: list[tuple[bytes, bytes]], wanted: frozenset[bytes]
-) -> tuple[int, dict[bytes, str]]:
-    """One pass over the request headers: their total size, and the first value of each
-    ``wanted`` one (what ``_header`` would return for it)."""
-    size = 0
-    found: dict[bytes, str] = {}
-    for key, value in headers:
-        size += len(key) + len(value)
-        if key in wanted and key not in found:
-            found[key] = value.decode("latin-1")
-    return size, found
 
 
 def _has_body(method: str, found: dict[bytes, str]) -> bool:
@@ -286,7 +272,13 @@ class ProxyEndpoint:
         if route is None:
             raise NotFound("no route matches this path")
         context.route = route.name
-        size, found = _scan_headers(scope["headers"], self._wanted)
+        size, found, headers = scan_request_headers(
+            scope["headers"],
+            wanted=self._wanted,
+            gateway_cookies=gw.sessions.cookie_names_bytes,
+            forward_cookies=route.settings.forward_cookies,
+            replace_request_id=True,
+        )
         limit = self._limits(size, found.get(b"content-length"), route)
         method: str = scope["method"]
         bearer: str | None = None
@@ -307,14 +299,12 @@ class ProxyEndpoint:
             bearer = await gw.broker.access_token(session, route)
         query = scope.get("query_string", b"").decode("latin-1")
         url = route.upstream_url(path, query)
-        headers = build_upstream_headers(
-            scope["headers"],
-            gateway_cookies=gw.sessions.cookie_names_bytes,
+        add_forwarding(
+            headers,
             client_ip=(scope.get("client") or ("unknown", 0))[0],
             proto=gw.public_scheme,
             host=gw.public_host,
             bearer=bearer,
-            forward_cookies=route.settings.forward_cookies,
             request_id=context.request_id,
         )
         body = _RequestBody(receive, limit) if _has_body(method, found) else None

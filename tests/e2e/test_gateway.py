@@ -54,6 +54,8 @@ async def test_each_route_reaches_its_upstream_with_exactly_its_audience(
     assert "read:orders" in orders.json()["scope"]
     assert invoices.status_code == 200, invoices.text
     assert invoices.json()["aud"] == BILLING and invoices.json()["method"] == "POST"
+    for answer in (orders, invoices):  # the upstream's Date gives way to the server's own
+        assert len(answer.headers.get_list("date")) == 1, answer.headers
     for upstream in (gw.upstreams["api"], gw.upstreams["billing"]):
         for seen in upstream.requests:
             headers = seen["headers"]

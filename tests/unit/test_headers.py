@@ -1,0 +1,80 @@
+"""Header policy (gateway/headers.py): the one pass over a request's headers, and answers."""
+
+from __future__ import annotations
+
+from gateway.headers import (
+    add_forwarding,
+    build_upstream_headers,
+    filter_response_headers,
+    scan_request_headers,
+)
+
+WANTED = frozenset({b"cookie", b"content-length", b"x-csrf"})
+GATEWAY_COOKIES = frozenset({b"gw_session"})
+REQUEST = [
+    (b"host", b"app.example.com"),
+    (b"X-CSRF", b"1"),
+    (b"x-csrf", b"2"),
+    (b"cookie", b"gw_session=secret; theme=dark"),
+    (b"authorization", b"Bearer client-supplied"),
+    (b"x-forwarded-for", b"6.6.6.6"),
+    (b"x-request-id", b"client-id"),
+    (b"connection", b"keep-alive, x-private"),
+    (b"x-private", b"hop"),
+    (b"accept", b"application/json"),
+]
+
+
+def test_one_pass_finds_wanted_values_size_and_what_an_upstream_may_see() -> None:
+    size, found, kept = scan_request_headers(
+        REQUEST, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES, replace_request_id=True
+    )
+    assert size == sum(len(k) + len(v) for k, v in REQUEST)
+    # The first value of each wanted header, whatever the case of its name.
+    assert found == {b"x-csrf": "1", b"cookie": "gw_session=secret; theme=dark"}
+    assert kept == [("x-csrf", "1"), ("x-csrf", "2"), ("accept", "application/json")]
+
+
+def test_forward_cookies_keeps_all_but_the_gateways_own() -> None:
+    _, found, kept = scan_request_headers(
+        REQUEST, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES, forward_cookies=True
+    )
+    assert found[b"cookie"] == "gw_session=secret; theme=dark"  # the session lookup sees it
+    assert ("cookie", "theme=dark") in kept
+    assert ("x-request-id", "client-id") in kept  # not replaced unless asked
+
+
+def test_build_upstream_headers_is_the_pass_plus_the_gateways_own() -> None:
+    _, _, kept = scan_request_headers(
+        REQUEST, wanted=frozenset(), gateway_cookies=GATEWAY_COOKIES, replace_request_id=True
+    )
+    forwarding = {"client_ip": "10.0.0.1", "proto": "https", "host": "app.example.com"}
+    expected = add_forwarding(kept, bearer="at", request_id="rid", **forwarding)
+    built = build_upstream_headers(
+        REQUEST, gateway_cookies=GATEWAY_COOKIES, bearer="at", request_id="rid", **forwarding
+    )
+    assert built == expected
+    assert built[-5:] == [
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "app.example.com"),
+        ("authorization", "Bearer at"),
+        ("x-request-id", "rid"),
+    ]
+
+
+def test_answers_lose_hop_by_hop_headers_our_cookies_and_the_upstreams_date() -> None:
+    headers = [
+        (b"Date", b"Thu, 26 Nov 2026 10:00:00 GMT"),
+        (b"Content-Type", b"application/json"),
+        (b"Connection", b"close"),
+        (b"Set-Cookie", b"gw_session=forged; Path=/"),
+        (b"Set-Cookie", b"theme=light"),
+        (b"X-Request-ID", b"upstream-id"),
+    ]
+    out = filter_response_headers(headers, gateway_cookies=GATEWAY_COOKIES, request_id=b"rid")
+    assert out == [
+        (b"content-type", b"application/json"),
+        (b"set-cookie", b"theme=light"),
+        (b"x-request-id", b"rid"),
+    ]
