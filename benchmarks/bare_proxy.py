@@ -2,7 +2,8 @@
 
 Raw ASGI on uvicorn (uvloop + httptools) and one pooled aiohttp ClientSession configured as the
 gateway's forwarder is (no cookie jar, no decompression, keep-alive): every request goes to the
-same upstream, path and query unchanged, hop-by-hop headers dropped, bodies streamed both ways.
+same upstream, path and query unchanged, hop-by-hop headers dropped (and the upstream's Date, for
+uvicorn's own), bodies streamed both ways.
 No routing, sessions, tokens, metrics or logging. The gateway's cost is measured against this.
 
     python -m benchmarks.bare_proxy --port 8001 --upstream http://127.0.0.1:8080 [--client httpx]
@@ -35,6 +36,8 @@ _HOP_BY_HOP = frozenset(
         b"host",
     }
 )
+# Nor, in an answer, the upstream's Date: uvicorn writes its own (two are invalid), as the gateway.
+_NOT_RELAYED = _HOP_BY_HOP | {b"date"}
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE"})
 
 
@@ -111,7 +114,7 @@ class BareProxy:
                     "type": "http.response.start",
                     "status": response.status,
                     "headers": [
-                        (k, v) for k, v in response.raw_headers if k.lower() not in _HOP_BY_HOP
+                        (k, v) for k, v in response.raw_headers if k.lower() not in _NOT_RELAYED
                     ],
                 }
             )
@@ -161,7 +164,7 @@ class BareHttpxProxy(BareProxy):
                     "type": "http.response.start",
                     "status": response.status_code,
                     "headers": [
-                        (k, v) for k, v in response.headers.raw if k.lower() not in _HOP_BY_HOP
+                        (k, v) for k, v in response.headers.raw if k.lower() not in _NOT_RELAYED
                     ],
                 }
             )

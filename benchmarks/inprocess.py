@@ -98,6 +98,7 @@ class InstantUpstream:
 
 
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"host", b"te"})
+_NOT_RELAYED = _HOP_BY_HOP | {b"date"}
 
 
 class BareInProcess:
@@ -125,7 +126,7 @@ class BareInProcess:
             {
                 "type": "http.response.start",
                 "status": response.status,
-                "headers": [(k, v) for k, v in response.headers if k.lower() not in _HOP_BY_HOP],
+                "headers": [(k, v) for k, v in response.headers if k.lower() not in _NOT_RELAYED],
             }
         )
         async for chunk in response.body:

@@ -16,7 +16,7 @@ from tests.e2e.servers import API, BILLING, free_port, start_idp
 from . import stack
 from .bench import LARGE, SMALL, Bench, check_route, login, session_headers
 from .machine import RssSampler, mib, rss_bytes
-from .report import TOKEN, Row, economy_expected
+from .report import BARE, TOKEN, Row, economy_expected, paired_key
 from .upstream import SMALL_JSON
 from .wrk import check_clean, run_wrk
 
@@ -73,8 +73,9 @@ def median_row(rows: list[Row]) -> Row:
 def proxy_grid(bench: Bench, section: str, targets: Targets, pid: int | None) -> None:
     """Every target at every connection count, small and large bodies; targets interleaved
     per cell so that drift in the background load hits them alike, ``--repeat`` rounds per
-    cell (each starting with another target), the median run recorded. ``pid``: the gateway,
-    whose peak RSS is recorded."""
+    cell (each starting with another target), the median run recorded, and each round's
+    ratio of a target to the bare proxy of the same round (the ratios reported). ``pid``: the
+    gateway, whose peak RSS is recorded."""
     sampler = RssSampler(pid) if pid is not None else None
     names = list(targets)
     try:
@@ -93,6 +94,11 @@ def proxy_grid(bench: Bench, section: str, targets: Targets, pid: int | None) ->
                         )
                 for target in names:
                     bench.results.rows.append(median_row(runs[target]))
+                    if target != BARE and BARE in runs:
+                        bench.results.paired[paired_key(section, target, body, connections)] = [
+                            (row.load.rps / base.load.rps, row.load.p99_ms / base.load.p99_ms)
+                            for row, base in zip(runs[target], runs[BARE], strict=True)
+                        ]
     finally:
         if sampler is not None:
             sampler.stop()

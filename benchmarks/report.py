@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,6 +45,10 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # "section|target|body|conns" -> per round (req/s ratio, p99 ratio) to the baseline measured
+    # in the same round (--repeat): pairs of cells seconds apart, so that the machine's drift
+    # between rounds cancels out of each ratio.
+    paired: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
     def find(self, section: str, target: str, body: str, connections: int) -> Row | None:
         for row in self.rows:
@@ -61,6 +66,29 @@ class Results:
         for row, raw in zip(self.rows, data["rows"], strict=True):
             raw["load"]["rps"] = round(row.load.rps, 1)
         return data
+
+
+def paired_key(section: str, target: str, body: str, connections: int) -> str:
+    return f"{section}|{target}|{body}|{connections}"
+
+
+def ratios(
+    results: Results, section: str, target: str, base: str, body: str, conns: int
+) -> tuple[float, float, int] | None:
+    """(req/s ratio, p99 ratio, rounds) of ``target`` to ``base``: the medians of the per-round
+    ratios where the run kept them, else the ratio of the recorded rows."""
+    pairs = results.paired.get(paired_key(section, target, body, conns))
+    if pairs:
+        return (
+            statistics.median(p[0] for p in pairs),
+            statistics.median(p[1] for p in pairs),
+            len(pairs),
+        )
+    row = results.find(section, target, body, conns)
+    baseline = results.find(section, base, body, conns)
+    if row is None or baseline is None:
+        return None
+    return row.load.rps / baseline.load.rps, row.load.p99_ms / baseline.load.p99_ms, 1
 
 
 def _num(value: float) -> str:
@@ -91,14 +119,11 @@ def table(results: Results, section: str, *, ratio_to: str | None = None) -> str
             _ms(row.load.p99_ms),
         ]
         if ratio_to:
-            base = results.find(section, ratio_to, row.body, row.connections)
-            if base is None or row.target == ratio_to:
+            found = ratios(results, section, row.target, ratio_to, row.body, row.connections)
+            if found is None or row.target == ratio_to:
                 cells += ["", ""]
             else:
-                cells += [
-                    f"{row.load.rps / base.load.rps:.2f}",
-                    f"{row.load.p99_ms / base.load.p99_ms:.2f}x",
-                ]
+                cells += [f"{found[0]:.2f}", f"{found[1]:.2f}x"]
         cpu = f"{row.cpu_us:,.0f}" if row.cpu_us is not None else ""
         cells += [cpu, f"{row.load1:.2f}", f"{row.foreign_cpu:.0f}%"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -114,12 +139,10 @@ def target_checks(results: Results, section: str) -> tuple[str, bool]:
     all_ok = True
     for target, base_name, body, minimum in TARGETS:
         for conns in CHECKED_CONNECTIONS:
-            row = results.find(section, target, body, conns)
-            base = results.find(section, base_name, body, conns)
-            if row is None or base is None:
+            found = ratios(results, section, target, base_name, body, conns)
+            if found is None:
                 continue
-            ratio = row.load.rps / base.load.rps
-            p99 = row.load.p99_ms / base.load.p99_ms
+            ratio, p99, _ = found
             ok_rps, ok_p99 = ratio >= minimum, p99 <= P99_FACTOR
             all_ok = all_ok and ok_rps and ok_p99
             lines.append(
