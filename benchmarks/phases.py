@@ -95,7 +95,8 @@ def proxy_grid(bench: Bench, section: str, targets: Targets, pid: int | None) ->
                 for target in names:
                     bench.results.rows.append(median_row(runs[target]))
                     if target != BARE and BARE in runs:
-                        bench.results.paired[paired_key(section, target, body, connections)] = [
+                        key = paired_key(section, target, BARE, body, connections)
+                        bench.results.paired[key] = [
                             (row.load.rps / base.load.rps, row.load.p99_ms / base.load.p99_ms)
                             for row, base in zip(runs[target], runs[BARE], strict=True)
                         ]

@@ -45,8 +45,8 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # "section|target|body|conns" -> per round (req/s ratio, p99 ratio) to the baseline measured
-    # in the same round (--repeat): pairs of cells seconds apart, so that the machine's drift
+    # paired_key(...) -> per round (req/s ratio, p99 ratio) of a target to a baseline measured
+    # in the same round (--repeat): cells at most a round apart, so that the machine's drift
     # between rounds cancels out of each ratio.
     paired: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
 
@@ -68,16 +68,17 @@ class Results:
         return data
 
 
-def paired_key(section: str, target: str, body: str, connections: int) -> str:
-    return f"{section}|{target}|{body}|{connections}"
+def paired_key(section: str, target: str, base: str, body: str, connections: int) -> str:
+    return f"{section}|{target}|{base}|{body}|{connections}"
 
 
 def ratios(
     results: Results, section: str, target: str, base: str, body: str, conns: int
 ) -> tuple[float, float, int] | None:
     """(req/s ratio, p99 ratio, rounds) of ``target`` to ``base``: the medians of the per-round
-    ratios where the run kept them, else the ratio of the recorded rows."""
-    pairs = results.paired.get(paired_key(section, target, body, conns))
+    ratios where the run kept them (so not, in general, the ratio of the rows shown, which are
+    each target's median round), else the ratio of the recorded rows."""
+    pairs = results.paired.get(paired_key(section, target, base, body, conns))
     if pairs:
         return (
             statistics.median(p[0] for p in pairs),

@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> Results:
             f"Proxy overhead rows: the median (by req/s) of {args.repeat} rounds per cell, "
             "targets interleaved, each round starting with another target. The ratios to the "
             "bare proxy (table and targets) are the medians of the per-round ratios: each "
-            "gateway cell divided by the bare proxy's cell of the same round, seconds apart."
+            "gateway cell divided by the bare proxy's cell of the same round (at most a round "
+            "apart), so they are not the ratios of the rows shown (each target's median round)."
         )
     bench = Bench(args=args, plan=plan, results=results)
     plan.pin_servers_here()  # every server started below inherits the server core

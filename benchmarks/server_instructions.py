@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import aiohttp
 import httpx
@@ -39,30 +41,34 @@ from .bench import login, session_headers
 from .upstream import SMALL_JSON
 
 STARTUP_TIMEOUT = 300.0  # python under valgrind starts ~50x slower
-# The bare proxy gets a cookie shaped like the gateway's session cookie, as under wrk.
-_BARE_COOKIE = "gw_session=" + "a" * 43 + "." + "b" * 43
+# The bare proxy gets a cookie shaped like the gateway's session cookie, as under wrk
+# (session_headers adds the cookie's name).
+_BARE_COOKIE = "a" * 43 + "." + "b" * 43
 _COLLECTED = re.compile(rb"Collected : (\d+)")
 
 
-def _valgrind(command: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _valgrind(command: list[str], log: BinaryIO) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *command],
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
-        stdout=log.open("wb"),
+        stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, **stack.GATEWAY_ENV},
+        # The same hash seed in both runs of a server: the same start-up work to subtract.
+        env={**os.environ, **stack.GATEWAY_ENV, "PYTHONHASHSEED": "0"},
     )
 
 
-def _wait_up(url: str, process: subprocess.Popen[bytes]) -> None:
+def _wait_up(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """One probe that waits long enough (the first request under valgrind is slow), so that
+    both runs of a server serve the same requests."""
     deadline = time.monotonic() + STARTUP_TIMEOUT
     while time.monotonic() < deadline and process.poll() is None:
-        with contextlib.suppress(httpx.HTTPError):
-            httpx.get(url, timeout=5)
-            return
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(url, timeout=60).status_code == 200:
+                return
         time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up under valgrind")
+    raise RuntimeError(f"{url} did not answer 200 under valgrind (see {log})")
 
 
 async def _drive(url: str, count: int, headers: dict[str, str]) -> None:
@@ -79,14 +85,19 @@ def _counted(command: list[str], probe: str, directory: Path) -> Iterator[list[i
     """Run ``command`` under callgrind; after the block, stop it and put its total in the
     yielded list."""
     log = directory / f"valgrind-{time.monotonic_ns()}.log"
-    process = _valgrind(command, log)
     total: list[int] = []
-    try:
-        _wait_up(probe, process)
-        yield total
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=120)
+    with log.open("wb") as output:
+        process = _valgrind(command, output)
+        try:
+            _wait_up(probe, process, log)
+            yield total
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
     found = _COLLECTED.search(log.read_bytes())
     if found is None:
         raise RuntimeError(f"no instruction count in {log}")
@@ -114,14 +125,14 @@ def count(args: argparse.Namespace) -> dict[str, int]:
         bare = [sys.executable, "-m", "benchmarks.bare_proxy", "--port", str(bare_port)]
         bare += ["--upstream", upstream]
         kinds = {
-            "bare proxy": (bare, f"http://127.0.0.1:{bare_port}", "/small.json"),
-            "gateway, `auth: none` route": (gateway, base, "/pub/small.json"),
-            "gateway, token route (cache hit)": (gateway, base, "/api/small.json"),
+            "bare proxy": (bare, f"http://127.0.0.1:{bare_port}", "/small.json", "/small.json"),
+            "gateway, `auth: none` route": (gateway, base, "/pub/small.json", "/healthz"),
+            "gateway, token route (cache hit)": (gateway, base, "/api/small.json", "/healthz"),
         }
-        for name, (command, origin, path) in kinds.items():
+        for name, (command, origin, path, probe) in kinds.items():
             totals = []
             for requests in (args.warmup, args.warmup + args.requests):
-                with _counted(command, origin + "/healthz", directory) as total:
+                with _counted(command, origin + probe, directory) as total:
                     cookie = asyncio.run(login(origin, idp)) if command is gateway else _BARE_COOKIE
                     asyncio.run(_drive(origin + path, requests, session_headers(cookie)))
                 totals.append(total[0])
@@ -135,6 +146,10 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=100)
     args = parser.parse_args()
+    if args.requests < 1 or args.warmup < 0:
+        parser.error("--requests must be at least 1 and --warmup at least 0")
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
     results = count(args)
     bare = results["bare proxy"]
     for name, value in results.items():

@@ -50,6 +50,7 @@ _REQUEST_REMOVE_BY = {
 }
 _RESPONSE_REMOVE = frozenset(n.encode() for n in HOP_BY_HOP) | {b"date"}
 _RESPONSE_REMOVE_ID = _RESPONSE_REMOVE | {_REQUEST_ID}
+_NOTHING: frozenset[bytes] = frozenset()
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade"})
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -169,7 +170,7 @@ def build_upstream_headers(
     that one replaces any ``X-Request-ID`` the client sent."""
     _, _, out = scan_request_headers(
         headers,
-        wanted=frozenset(),
+        wanted=_NOTHING,
         gateway_cookies=gateway_cookies,
         forward_cookies=forward_cookies,
         replace_request_id=request_id is not None,

@@ -29,12 +29,14 @@ def test_ratios_are_medians_of_same_round_pairs_when_kept() -> None:
     # Medians of the rows alone (bare 1,000, gateway 700) would say 0.70; the rounds say the
     # gateway ran at 0.9, 0.92 and 0.5 of the bare proxy measured beside it.
     results.rows += [_row(BARE, 1000, 10.0), _row(NONE, 700, 12.0)]
-    results.paired[paired_key("proxy", NONE, "small JSON", 16)] = [
+    results.paired[paired_key("proxy", NONE, BARE, "small JSON", 16)] = [
         (0.9, 1.1),
         (0.92, 1.0),
         (0.5, 2.0),
     ]
     assert ratios(results, "proxy", NONE, BARE, "small JSON", 16) == (0.9, 1.1, 3)
+    # Pairs are per baseline: against another target the rows are all there is.
+    assert ratios(results, "proxy", NONE, NONE, "small JSON", 16) == (1.0, 1.0, 1)
     checks, ok = target_checks(results, "proxy")
     assert "| 16 | 0.90 | >= 0.9 | yes |" in checks and ok
 

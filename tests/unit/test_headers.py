@@ -30,7 +30,7 @@ def test_one_pass_finds_wanted_values_size_and_what_an_upstream_may_see() -> Non
         REQUEST, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES, replace_request_id=True
     )
     assert size == sum(len(k) + len(v) for k, v in REQUEST)
-    # The first value of each wanted header, whatever the case of its name.
+    # The first value of each wanted header; names compared lower-cased, as for stripping.
     assert found == {b"x-csrf": "1", b"cookie": "gw_session=secret; theme=dark"}
     assert kept == [("x-csrf", "1"), ("x-csrf", "2"), ("accept", "application/json")]
 
@@ -44,22 +44,51 @@ def test_forward_cookies_keeps_all_but_the_gateways_own() -> None:
     assert ("x-request-id", "client-id") in kept  # not replaced unless asked
 
 
-def test_build_upstream_headers_is_the_pass_plus_the_gateways_own() -> None:
-    _, _, kept = scan_request_headers(
-        REQUEST, wanted=frozenset(), gateway_cookies=GATEWAY_COOKIES, replace_request_id=True
-    )
-    forwarding = {"client_ip": "10.0.0.1", "proto": "https", "host": "app.example.com"}
-    expected = add_forwarding(kept, bearer="at", request_id="rid", **forwarding)
+def test_upstream_headers_are_the_clients_allowed_ones_then_the_gateways_own() -> None:
     built = build_upstream_headers(
-        REQUEST, gateway_cookies=GATEWAY_COOKIES, bearer="at", request_id="rid", **forwarding
+        REQUEST,
+        gateway_cookies=GATEWAY_COOKIES,
+        client_ip="10.0.0.1",
+        proto="https",
+        host="app.example.com",
+        bearer="at",
+        request_id="rid",
     )
-    assert built == expected
-    assert built[-5:] == [
+    assert built == [
+        ("x-csrf", "1"),
+        ("x-csrf", "2"),
+        ("accept", "application/json"),
         ("x-forwarded-for", "10.0.0.1"),
         ("x-forwarded-proto", "https"),
         ("x-forwarded-host", "app.example.com"),
         ("authorization", "Bearer at"),
         ("x-request-id", "rid"),
+    ]
+
+
+def test_a_connection_header_cannot_drop_the_gateways_own_headers_or_hide_the_cookie() -> None:
+    hostile = [
+        (b"connection", b"x-request-id, authorization, cookie, x-forwarded-for"),
+        (b"cookie", b"gw_session=secret; theme=dark"),
+    ]
+    _, found, kept = scan_request_headers(
+        hostile,
+        wanted=WANTED,
+        gateway_cookies=GATEWAY_COOKIES,
+        forward_cookies=True,
+        replace_request_id=True,
+    )
+    assert found[b"cookie"] == "gw_session=secret; theme=dark"  # the session is still found
+    assert kept == []  # the listed cookie header is hop-by-hop: not forwarded
+    out = add_forwarding(
+        kept, client_ip="10.0.0.1", proto="https", host="gw", bearer="at", request_id="rid"
+    )
+    assert [name for name, _ in out] == [
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "authorization",
+        "x-request-id",
     ]
 
 
