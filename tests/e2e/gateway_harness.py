@@ -147,7 +147,11 @@ def run_gateway(
     port = int(sock.getsockname()[1])
     settings = gateway_settings(idp, port, upstreams, **overrides)
     app = create_app(settings)
-    options = {"proxy_headers": False, **(uvicorn_options or {})}
+    # Tests pause between rounds on one client (token expiry, rotation): with uvicorn's 5 s
+    # keep-alive, a connection that answered early in a round can reach its idle timeout just
+    # as the next round reuses it, and the client reads a closed socket (a race of the test's
+    # timing, seen once under CI load, not of the gateway's).
+    options = {"proxy_headers": False, "timeout_keep_alive": 30, **(uvicorn_options or {})}
     with run_asgi(app, sock=sock, **options) as base_url:
         yield GatewayUnderTest(
             base_url=base_url, settings=settings, idp=idp, upstreams=upstreams, app=app
