@@ -46,6 +46,7 @@ from .errors import (
     render_error,
 )
 from .headers import build_upstream_headers, first_header
+from .observability import incoming_request_id, new_request_id
 from .proxy import map_upstream_error
 from .routing import Route, normalize_path
 from .websocket_connection import WebSocketConnection
@@ -147,6 +148,8 @@ class WebSocketRelay:
             host=gw.public_host,
             bearer=None,
             forward_cookies=route.settings.forward_cookies,
+            # As on HTTP: a valid X-Request-ID goes on, anything else gives way to a new one.
+            request_id=incoming_request_id(scope["headers"]) or new_request_id(),
         )
         return Upgrade(
             route=route,

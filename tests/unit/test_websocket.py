@@ -113,9 +113,15 @@ async def upstream() -> AsyncIterator[Upstream]:
 
 class Browser:
     def __init__(
-        self, path: str, *, cookie: str | None, origin: str | None = ORIGIN, extension: bool = True
+        self,
+        path: str,
+        *,
+        cookie: str | None,
+        origin: str | None = ORIGIN,
+        extension: bool = True,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
     ) -> None:
-        headers = [(b"host", b"app.example.com")]
+        headers = [(b"host", b"app.example.com"), *extra]
         if origin is not None:
             headers.append((b"origin", origin.encode()))
         if cookie is not None:
@@ -383,6 +389,26 @@ async def test_relay_forwards_text_binary_subprotocol_and_bearer(
     await asyncio.wait_for(harness.tasks[0], TIMEOUT)
     assert upstream.closes == [(4321, "")]
     assert harness.gateway.connections.websockets == 0
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"), [(b"rid-1.a_b", True), (b"bad id!", False), (None, False)]
+)
+async def test_upstream_gets_a_valid_request_id(
+    make_harness: Any, upstream: Upstream, sent: bytes | None, kept: bool
+) -> None:
+    harness = await make_harness()
+    extra = ((b"x-request-id", sent),) if sent is not None else ()
+    browser = harness.open("/public/echo", cookie=None, origin=None, extra=extra)
+    browser.say("open")
+    await browser.wait_for("websocket.send")
+    request_id = upstream.seen[0]["headers"]["X-Request-ID"]
+    if kept:
+        assert request_id == "rid-1.a_b"
+    else:
+        assert len(request_id) == 32 and request_id != "bad id!"
+    browser.leave(1000, "")
+    await asyncio.wait_for(harness.tasks[0], TIMEOUT)
 
 
 async def test_relay_passes_the_upstream_close_code(make_harness: Any) -> None:
