@@ -20,7 +20,6 @@ import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -92,12 +91,7 @@ def _counted(command: list[str], probe: str, directory: Path) -> Iterator[list[i
             _wait_up(probe, process, log)
             yield total
         finally:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+            stack.stop_process(process, timeout=120)  # callgrind writes its totals on exit
     found = _COLLECTED.search(log.read_bytes())
     if found is None:
         raise RuntimeError(f"no instruction count in {log}")

@@ -90,11 +90,12 @@ def wait_listening(port: int, process: subprocess.Popen[Any], what: str) -> None
     raise RuntimeError(f"{what} did not listen on {port} within {STARTUP_TIMEOUT:.0f}s")
 
 
-def stop_process(process: subprocess.Popen[Any]) -> None:
+def stop_process(process: subprocess.Popen[Any], *, timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=10)
+            process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)

@@ -64,23 +64,15 @@ def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | N
     return None
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    """Header names listed in ``Connection`` are hop-by-hop too."""
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
-    return tokens
-
-
 def _listed(
     value: bytes, removed: frozenset[bytes], listed: set[bytes] | None
 ) -> set[bytes] | None:
-    """Add the names a ``Connection`` value lists to ``listed``, except those ``removed``
-    anyway (``Connection: keep-alive`` on every answer needs no second pass)."""
+    """Add the header names a ``Connection`` value lists (hop-by-hop too) to ``listed``,
+    except those ``removed`` anyway (``Connection: keep-alive`` on every answer needs no
+    second pass)."""
     if value in _PLAIN_CONNECTION:
         return listed
-    tokens = _connection_tokens([(b"connection", value)]) - removed
+    tokens = {t.strip().lower() for t in value.split(b",") if t.strip()} - removed
     if not tokens:
         return listed
     return tokens | (listed or set())

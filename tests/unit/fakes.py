@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from gateway.proxy import UpstreamResponse
+from gateway.sessions import Session
 
 
 class RecordingUpstream:
@@ -41,3 +42,16 @@ class RecordingUpstream:
 class _Released:
     def release(self) -> None:
         return None
+
+
+def scribble_on(session: Session) -> None:
+    """What SessionManager.current does to a loaded session before touch, and what a careless
+    caller could do: change its fields and (read-only by contract, a dict at run time) its
+    claims. A store that hands out shared objects would let this reach other requests."""
+    session.last_seen = 1.0
+    session.refresh_token = "RT-changed"
+    session.rt_version = 7
+    claims = session.claims
+    assert isinstance(claims, dict)
+    claims["email"] = "mallory@example.com"
+    claims.pop("roles", None)

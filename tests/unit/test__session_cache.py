@@ -13,6 +13,8 @@ import pytest
 from gateway.sessions import Session
 from gateway.sessions._session_cache import SessionCache
 
+from .fakes import scribble_on
+
 KEY = "gw:sess:abc"
 BLOB = b"\x01ciphertext-one"
 OTHER_BLOB = b"\x01ciphertext-two"
@@ -132,16 +134,8 @@ def test_session_cache_copies_do_not_share_what_a_caller_may_change() -> None:
     assert missed is not None and hit is not None
     expected = as_dict(missed)
     expected["claims"] = dict(missed.claims)
-    # What SessionManager.current and a careless caller could do to their copy, whether it
-    # came from a decode or from the cache.
-    for mine in (missed, hit):
-        mine.last_seen = 1.0
-        mine.refresh_token = "RT-changed"
-        mine.rt_version = 7
-        claims = mine.claims  # read-only by contract, a dict at run time: change it anyway
-        assert isinstance(claims, dict)
-        claims["email"] = "mallory@example.com"
-        claims.pop("roles")
+    for mine in (missed, hit):  # a copy from a decode or from the cache: neither may leak
+        scribble_on(mine)
     later = cache.open(KEY, BLOB, decode)
     assert later is not None and as_dict(later) == expected
     assert len(decode.calls) == 1

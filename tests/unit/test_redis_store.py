@@ -29,6 +29,8 @@ from gateway.sessions import CachedToken, Session
 from gateway.sessions.redis import DECODED_CACHE_SIZE, RedisSessionStore
 from gateway.settings import Settings
 
+from .fakes import scribble_on
+
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 OLD_KEY = "old-secret-0123456789abcdefghijklmnopqrstuvwxyz"
 NEW_KEY = "new-secret-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -430,15 +432,8 @@ async def test_redis_store_loaded_sessions_do_not_share_mutations(
     decoded = await store.load(session.id)
     cached = await store.load(session.id)
     assert decoded is not None and cached is not None
-    # What SessionManager.current does to its copy before touch, and what a careless caller
-    # could do: none of it reaches another request's session.
-    for mine in (decoded, cached):
-        mine.last_seen = 123.0
-        mine.refresh_token = "rt-mutated"
-        mine.rt_version = 9
-        claims = mine.claims  # read-only by contract, a dict at run time: change it anyway
-        assert isinstance(claims, dict)
-        claims["email"] = "mallory@example.com"
+    for mine in (decoded, cached):  # none of it may reach another request's session
+        scribble_on(mine)
     later = await store.load(session.id)
     assert later is not None and later is not decoded and later is not cached
     assert later.last_seen == session.last_seen
