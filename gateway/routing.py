@@ -72,7 +72,14 @@ class Route:
     needs_token: bool = field(init=False)
     audience: str = field(init=False)  # "" when the route names none
     scope_key: str = field(init=False)  # the scopes, space-separated (a token-cache key part)
+    # Copied from the settings: a pydantic model's attributes cost several times a slot's.
+    csrf: bool = field(init=False)
+    forward_cookies: bool = field(init=False)
+    timeout: float = field(init=False)
+    strip_prefix: bool = field(init=False)
+    max_body_bytes: int | None = field(init=False)  # None: the global limit
     _base: str = field(init=False)  # what a path is appended to (no strip_prefix)
+    _stripped_base: str = field(init=False)  # what the rest after the prefix is appended to
 
     def __post_init__(self) -> None:
         set_field = object.__setattr__  # frozen: derived fields are set once, here
@@ -81,13 +88,20 @@ class Route:
         set_field(self, "needs_token", self.settings.auth == "user")
         set_field(self, "audience", self.settings.audience or "")
         set_field(self, "scope_key", " ".join(self.settings.scopes))
+        set_field(self, "csrf", self.settings.csrf)
+        set_field(self, "forward_cookies", self.settings.forward_cookies)
+        set_field(self, "timeout", self.settings.timeout)
+        set_field(self, "strip_prefix", self.settings.strip_prefix)
+        set_field(self, "max_body_bytes", self.settings.max_body_bytes)
         set_field(self, "_base", self.upstream_origin + self.upstream_path.rstrip("/"))
+        set_field(self, "_stripped_base", self.upstream_origin + self.upstream_path)
 
     def upstream_url(self, path: str, query: str) -> str:
         """Map a normalised request path (already matched to this route) to the upstream URL."""
-        if self.settings.strip_prefix:
-            rest = path[len(self.prefix) :] if path.startswith(self.prefix) else ""
-            url = self.upstream_origin + self.upstream_path + rest
+        if self.strip_prefix:
+            # A matched path is the prefix, or the prefix without its trailing slash: either
+            # way, what follows the prefix (possibly nothing).
+            url = self._stripped_base + path[len(self.prefix) :]
         else:
             url = self._base + path
         return url + "?" + query if query else url
@@ -104,15 +118,28 @@ def _compile(settings: RouteSettings) -> Route:
 
 
 class RouteTable:
-    """Longest prefix wins; ``/api`` (no trailing slash) matches the route ``/api/``."""
+    """Longest prefix wins; ``/api`` (no trailing slash) matches the route ``/api/``.
+
+    Routes are looked up by the path's first segment, so a request meets only the few routes
+    that share it (however many are configured), longest first; a ``/`` route comes last.
+    """
 
     def __init__(self, routes: list[RouteSettings]) -> None:
         self._routes = sorted(
             (_compile(r) for r in routes), key=lambda r: len(r.prefix), reverse=True
         )
         self._by_name = {r.name: r for r in self._routes}
-        # (prefix, prefix without its trailing slash, route), longest first.
-        self._match = [(r.prefix, r.prefix[:-1], r) for r in self._routes]
+        # first segment ("/api/") -> [(prefix, prefix without its trailing slash, route)],
+        # longest first.
+        self._by_segment: dict[str, list[tuple[str, str, Route]]] = {}
+        self._root: Route | None = None
+        for route in self._routes:
+            if route.prefix == "/":
+                self._root = route
+            else:
+                self._by_segment.setdefault(_first_segment(route.prefix), []).append(
+                    (route.prefix, route.prefix[:-1], route)
+                )
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(self._routes)
@@ -125,7 +152,16 @@ class RouteTable:
 
     def match(self, path: str) -> Route | None:
         """The route for a normalised path, or None."""
-        for prefix, bare, route in self._match:
+        end = path.find("/", 1)  # _first_segment, written out: a call fewer per request
+        segment = path[: end + 1] if end > 0 else path + "/"
+        for prefix, bare, route in self._by_segment.get(segment, ()):
             if path.startswith(prefix) or path == bare:
                 return route
-        return None
+        return self._root
+
+
+def _first_segment(path: str) -> str:
+    """``/api/`` for ``/api/v1/x``, ``/api`` and ``/api/`` alike (a route prefix's first
+    segment is the same as that of every path it matches)."""
+    end = path.find("/", 1)
+    return path[: end + 1] if end > 0 else path + "/"

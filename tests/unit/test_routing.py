@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidPath
+from gateway.proxy_endpoint import _plain_path
 from gateway.routing import RouteTable, normalize_path
 from gateway.settings import RouteSettings
 
@@ -86,3 +87,67 @@ def test_route_upstream_url_keeps_prefix_when_configured() -> None:
 def test_route_needs_token_only_for_user_auth() -> None:
     assert TABLE.match("/api/x").needs_token  # type: ignore[union-attr]
     assert not TABLE.match("/status/x").needs_token  # type: ignore[union-attr]
+
+
+def _linear_match(routes: list[RouteSettings], path: str) -> str | None:
+    """The definition: the longest prefix that the path starts with, or equals without its
+    trailing slash."""
+    matching = [r for r in routes if path.startswith(r.prefix) or path == r.prefix[:-1]]
+    return max(matching, key=lambda r: len(r.prefix)).name if matching else None
+
+
+def test_route_table_lookup_by_first_segment_agrees_with_the_longest_prefix_rule() -> None:
+    routes = [
+        API,
+        API_V2,
+        STATUS,
+        KEEP,
+        RouteSettings(prefix="/api/v2/admin/", upstream="http://a.internal/", auth="none"),
+        RouteSettings(prefix="/apiv/", upstream="http://b.internal/", auth="none"),
+        *(
+            RouteSettings(prefix=f"/svc{i}/", upstream=f"http://s{i}.internal/", auth="none")
+            for i in range(40)
+        ),
+    ]
+    with_root = [*routes, RouteSettings(prefix="/", upstream="http://root.internal/", auth="none")]
+    paths = [
+        "/", "/api", "/api/", "/api/v2", "/api/v2/", "/api/v2/admin", "/api/v2/admin/x",
+        "/api/v2x", "/api/v1/items", "/apiv", "/apiv/x", "/apix", "/status", "/status/ok",
+        "/keep/a/b", "/keep", "/svc7/x", "/svc39", "/svc40/x", "/other/x", "/a", "//x",
+    ]  # fmt: skip
+    for table_routes in (routes, with_root):
+        table = RouteTable(table_routes)
+        for path in paths:
+            found = table.match(path)
+            assert (found.name if found else None) == _linear_match(table_routes, path), path
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        *(raw for raw, _ in NORMALISED),
+        *REFUSED,
+        "/api/orders/17",
+        "/api/a b",
+        "/api/.hidden",
+        "/api/a\\b",
+        "/api/\x7f",
+        "/api/\x1f",
+        "/api/caf\xe9",
+        "/api/\x85",
+        "//double",
+        "",
+    ],
+)
+def test_the_proxys_plain_path_shortcut_equals_normalize_path(raw: str) -> None:
+    """The hot path skips normalize_path for a path it would return unchanged: never for
+    any other."""
+    try:
+        expected: str | type[InvalidPath] = normalize_path(raw)
+    except InvalidPath:
+        expected = InvalidPath
+    try:
+        got: str | type[InvalidPath] = _plain_path(raw)
+    except InvalidPath:
+        got = InvalidPath
+    assert got == expected
