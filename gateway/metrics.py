@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Sized
 from wsgiref.simple_server import WSGIServer
 
@@ -38,6 +39,9 @@ from .hot_metrics import CounterFamily, FastCounter, FastHistogram, HistogramFam
 from .settings import MetricsSettings, Settings
 
 logger = logging.getLogger("gateway.metrics")
+
+# Per route: its request histogram, its request counters by status, its upstream histogram.
+_RouteSeries = tuple[FastHistogram, dict[int, FastCounter], FastHistogram | None]
 
 GATEWAY_ROUTE = "gateway"  # the gateway's own endpoints (/auth/*, /healthz, /metrics...)
 UNMATCHED_ROUTE = "unmatched"  # no route matched the path (404) or the path was refused
@@ -121,10 +125,9 @@ class GatewayMetrics:
         # them up in a dict (and series exist at 0 before the first request).
         routes = list(routes)
         names = [*routes, GATEWAY_ROUTE, UNMATCHED_ROUTE]
-        self._by_route: dict[str, tuple[FastHistogram, dict[int, FastCounter]]] = {
-            n: (self._request_seconds.labels(n), {}) for n in names
+        self._by_route: dict[str, _RouteSeries] = {
+            n: self._route_series(n, upstream=n in routes) for n in names
         }
-        self._upstream = {n: self._upstream_seconds.labels(n) for n in routes}
         self._exchange_children = {
             (a, o): self._exchanges.labels(a, o) for a in audiences for o in EXCHANGE_OUTCOMES
         }
@@ -145,21 +148,37 @@ class GatewayMetrics:
     def observe_request(
         self, route: str, status: int, seconds: float, upstream_seconds: float | None
     ) -> None:
-        """One answered request: count it, time it, and time its upstream call if any."""
-        entry = self._by_route.get(route)
-        if entry is None:  # not a configured name: bounded by the callers, bind it once
-            entry = self._by_route[route] = (self._request_seconds.labels(route), {})
-        histogram, by_status = entry
+        """One answered request: count it, time it, and time its upstream call if any.
+
+        The two observations are FastHistogram.observe written out: two calls fewer on every
+        request."""
+        series = self._by_route.get(route)
+        if series is None or (upstream_seconds is not None and series[2] is None):
+            # Not a configured name (bounded by the callers) or its first upstream call.
+            series = self._by_route[route] = self._route_series(
+                route, upstream=upstream_seconds is not None, old=series
+            )
+        histogram, by_status, upstream = series
         counter = by_status.get(status)
         if counter is None:  # at most one per HTTP status code per route
             counter = by_status[status] = self._requests.labels(route, str(status))
         counter.value += 1
-        histogram.observe(seconds)
-        if upstream_seconds is not None:
-            upstream = self._upstream.get(route)
-            if upstream is None:
-                upstream = self._upstream[route] = self._upstream_seconds.labels(route)
-            upstream.observe(upstream_seconds)
+        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
+        histogram.sum += seconds
+        if upstream_seconds is not None and upstream is not None:
+            upstream.counts[bisect_left(upstream.bounds, upstream_seconds)] += 1
+            upstream.sum += upstream_seconds
+
+    def _route_series(
+        self, route: str, *, upstream: bool, old: _RouteSeries | None = None
+    ) -> _RouteSeries:
+        """A route's request histogram and counters by status (``old``'s, if given), and its
+        upstream histogram if ``upstream`` (bound only once a route has an upstream time: no
+        empty series for the gateway's own answers)."""
+        histogram, by_status = (
+            (old[0], old[1]) if old else (self._request_seconds.labels(route), {})
+        )
+        return (histogram, by_status, self._upstream_seconds.labels(route) if upstream else None)
 
     def exchange_ok(self, audience: str) -> None:
         self._exchange(audience, "ok")

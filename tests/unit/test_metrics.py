@@ -115,6 +115,20 @@ def test_observe_request_counts_by_route_and_status_and_times_upstream() -> None
     )
     assert _value(metrics, "gateway_upstream_duration_seconds_count", route="gateway") is None
     assert _value(metrics, "gateway_request_duration_seconds_count", route="api") == 3
+    # The buckets: "less than or equal", as prometheus-client's.
+    bucket = {"route": "api", "le": "0.025"}
+    assert _value(metrics, "gateway_request_duration_seconds_bucket", **bucket) == 3
+    assert _value(metrics, "gateway_upstream_duration_seconds_bucket", **bucket) == 3
+    assert _value(metrics, "gateway_request_duration_seconds_bucket", route="api", le="0.01") == 0
+    # A name no route was configured with (the callers bound it) gets its series on first use,
+    # the upstream one only once it has an upstream time; the counts seen before stay.
+    metrics.observe_request("later", 200, 0.5, None)
+    assert _value(metrics, "gateway_upstream_duration_seconds_count", route="later") is None
+    metrics.observe_request("later", 200, 0.5, 0.25)
+    assert _value(metrics, "gateway_requests_total", route="later", status="200") == 2
+    assert _value(metrics, "gateway_request_duration_seconds_count", route="later") == 2
+    assert _value(metrics, "gateway_upstream_duration_seconds_count", route="later") == 1
+    assert _value(metrics, "gateway_upstream_duration_seconds_sum", route="later") == 0.25
 
 
 def test_active_sessions_gauge_follows_the_memory_store() -> None:
