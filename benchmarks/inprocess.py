@@ -65,10 +65,12 @@ class _Body:
         self._sent = True
         return SMALL_JSON
 
+    def at_eof(self) -> bool:
+        return self._sent
 
-class _Released:
-    def release(self) -> None:
-        return None
+
+def _released() -> None:
+    return None
 
 
 class InstantUpstream:
@@ -89,8 +91,8 @@ class InstantUpstream:
             200,
             _UPSTREAM_HEADERS,
             body_iter,
-            _Released(),  # type: ignore[arg-type]
-            lambda: body_iter._sent,
+            close=_released,
+            at_eof=body_iter.at_eof,
         )
 
     async def close(self) -> None:

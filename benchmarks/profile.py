@@ -35,7 +35,11 @@ _INCLUSIVE = (
     ("filter_response_headers", "filter_response_headers", "gateway/headers.py"),
     ("AiohttpUpstreamClient.send (aiohttp request)", "AiohttpUpstreamClient.send", "proxy.py"),
     ("GatewayMetrics.observe_request", "GatewayMetrics.observe_request", "metrics.py"),
-    ("ProxyEndpoint._relay_body", "ProxyEndpoint._relay_body", "proxy_endpoint.py"),
+    (
+        "ProxyEndpoint._relay_rest (bodies longer than one read)",
+        "ProxyEndpoint._relay_rest",
+        "proxy_endpoint.py",
+    ),
     # Off the fast path since this change: should stay at 0 for proxied requests.
     ("AccessLogMiddleware", "AccessLogMiddleware.__call__", "access_log.py"),
     ("SecurityHeadersMiddleware", "SecurityHeadersMiddleware.__call__", "security_headers.py"),

@@ -114,6 +114,7 @@ class Gateway:
         self.public_scheme = public.scheme
         self.public_host = public.netloc
         self.csrf_header = settings.csrf.header.lower().encode()
+        self.csrf_value = settings.csrf.value
         self.allowed_origins = tuple(settings.allowed_origins)
         self.started = False  # discovery and JWKS fetched (ensure_started)
         self._start_lock = asyncio.Lock()

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from multidict import istr
+
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -55,6 +57,28 @@ _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close",
 
 RawHeaders = list[tuple[bytes, bytes]]
 
+# Header names for the upstream as multidict's ``istr``: the forwarder (aiohttp) files every
+# name into case-insensitive dicts three times, and an ``istr`` carries its folded form where
+# a plain ``str`` is folded again each time (~700 instructions per header and request). The
+# client's names are kept once seen (bounded: a client chooses them).
+_FORWARDED_FOR = istr("x-forwarded-for")
+_FORWARDED_PROTO = istr("x-forwarded-proto")
+_FORWARDED_HOST = istr("x-forwarded-host")
+_AUTHORIZATION = istr("authorization")
+_REQUEST_ID_NAME = istr("x-request-id")
+_NAMES: dict[bytes, str] = {}
+_NAMES_MAX = 512
+
+
+def _upstream_name(name: bytes) -> str:
+    """A lower-case request header name as an ``istr``, kept for the next request."""
+    found = _NAMES.get(name)
+    if found is None:
+        found = istr(name.decode("latin-1"))
+        if len(_NAMES) < _NAMES_MAX:
+            _NAMES[name] = found
+    return found
+
 
 def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
     """The first value of the (lower-case) header ``name`` of an ASGI scope, or None."""
@@ -68,10 +92,8 @@ def _listed(
     value: bytes, removed: frozenset[bytes], listed: set[bytes] | None
 ) -> set[bytes] | None:
     """Add the header names a ``Connection`` value lists (hop-by-hop too) to ``listed``,
-    except those ``removed`` anyway (``Connection: keep-alive`` on every answer needs no
-    second pass)."""
-    if value in _PLAIN_CONNECTION:
-        return listed
+    except those ``removed`` anyway. Callers skip the plain values (``keep-alive``, ``close``:
+    one on nearly every message) without a call."""
     tokens = {t.strip().lower() for t in value.split(b",") if t.strip()} - removed
     if not tokens:
         return listed
@@ -113,37 +135,43 @@ def scan_request_headers(
         if name in wanted and name not in found:
             found[name] = raw_value.decode("latin-1")
         if name in remove:
-            if name == b"connection":
+            if name == b"connection" and raw_value not in _PLAIN_CONNECTION:
                 listed = _listed(raw_value, _REQUEST_REMOVE, listed)
             continue
         if name == b"cookie":  # forward_cookies: all but the gateway's own
             raw_value = strip_cookies(raw_value, gateway_cookies)
             if not raw_value:
                 continue
-        out.append((name.decode("latin-1"), raw_value.decode("latin-1")))
+        out.append((_NAMES.get(name) or _upstream_name(name), raw_value.decode("latin-1")))
     if listed:
         dropped = {token.decode("latin-1") for token in listed}
         out = [(name, value) for name, value in out if name not in dropped]
     return size, found, out
 
 
+Site = tuple[tuple[str, str], tuple[str, str]]
+
+
+def forwarded_site(proto: str, host: str) -> Site:
+    """``X-Forwarded-Proto`` and ``X-Forwarded-Host``: the same on every request, built once."""
+    return ((_FORWARDED_PROTO, proto), (_FORWARDED_HOST, host))
+
+
 def add_forwarding(
     out: list[tuple[str, str]],
     *,
     client_ip: str,
-    proto: str,
-    host: str,
+    site: Site,
     bearer: str | None,
     request_id: str | None,
 ) -> list[tuple[str, str]]:
     """Append the gateway's own request headers to ``out`` (and return it)."""
-    out.append(("x-forwarded-for", client_ip))
-    out.append(("x-forwarded-proto", proto))
-    out.append(("x-forwarded-host", host))
+    out.append((_FORWARDED_FOR, client_ip))
+    out.extend(site)
     if bearer is not None:
-        out.append(("authorization", "Bearer " + bearer))
+        out.append((_AUTHORIZATION, "Bearer " + bearer))
     if request_id is not None:
-        out.append(("x-request-id", request_id))
+        out.append((_REQUEST_ID_NAME, request_id))
     return out
 
 
@@ -168,7 +196,11 @@ def build_upstream_headers(
         replace_request_id=request_id is not None,
     )
     return add_forwarding(
-        out, client_ip=client_ip, proto=proto, host=host, bearer=bearer, request_id=request_id
+        out,
+        client_ip=client_ip,
+        site=forwarded_site(proto, host),
+        bearer=bearer,
+        request_id=request_id,
     )
 
 
@@ -186,7 +218,7 @@ def filter_response_headers(
     for raw_name, value in headers:
         name = raw_name.lower()
         if name in remove:
-            if name == b"connection":
+            if name == b"connection" and value not in _PLAIN_CONNECTION:
                 listed = _listed(value, _RESPONSE_REMOVE, listed)
             continue
         if name == b"set-cookie" and value.split(b"=", 1)[0].strip() in gateway_cookies:

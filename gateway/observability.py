@@ -14,7 +14,7 @@ import logging
 import os
 import re
 import time
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,6 +30,7 @@ REQUEST_ID_HEADER = b"x-request-id"
 CONTEXT_KEY = "gateway.context"  # the RequestContext's key in the ASGI scope
 # What we accept from clients: short, and safe to echo into logs and headers.
 _VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
+_VALID_REQUEST_ID_TEXT = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 current_request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
 
@@ -43,6 +44,8 @@ class RequestContext:
     upstream_seconds: float | None = None
     sub: str | None = None
     status: int | None = None  # set by the proxy as it starts its answer
+    # Set by bind_request_id (the proxy's fast path): what resets ``current_request_id``.
+    bound: Token[str | None] | None = None
 
 
 def request_context(scope: Scope) -> RequestContext:
@@ -53,8 +56,25 @@ def request_context(scope: Scope) -> RequestContext:
     return context
 
 
+# Request ids are drawn from the OS's CSPRNG in batches: one system call per 256 ids instead of
+# one per request. ``list.pop`` is atomic, so two threads never share an id; a child process
+# (fork) starts with an empty batch, not with a copy of its parent's.
+_ID_BYTES = 16
+_IDS_PER_DRAW = 256
+_spare_ids: list[str] = []
+os.register_at_fork(after_in_child=_spare_ids.clear)
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    """A fresh request id: 32 hex characters (128 random bits)."""
+    try:
+        return _spare_ids.pop()
+    except IndexError:
+        raw = os.urandom(_ID_BYTES * (_IDS_PER_DRAW + 1))
+        _spare_ids.extend(
+            raw[i : i + _ID_BYTES].hex() for i in range(_ID_BYTES, len(raw), _ID_BYTES)
+        )
+        return raw[:_ID_BYTES].hex()
 
 
 def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -63,6 +83,16 @@ def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
         if key == REQUEST_ID_HEADER:
             return valid_request_id(value)
     return None
+
+
+def bind_request_id(context: RequestContext, client_value: str | None) -> None:
+    """Give ``context`` the client's request id (``client_value``, if valid) or a new one, and
+    make it the id of every line logged until the request ends (which resets ``bound``)."""
+    if client_value is not None and _VALID_REQUEST_ID_TEXT.fullmatch(client_value):
+        context.request_id = client_value
+    else:
+        context.request_id = new_request_id()
+    context.bound = current_request_id.set(context.request_id)
 
 
 def valid_request_id(value: bytes) -> str | None:

@@ -23,23 +23,23 @@ logger = logging.getLogger("gateway.proxy")
 _CHUNK = 64 * 1024
 
 
+def _unknown_eof() -> bool:
+    return False
+
+
 @dataclass(slots=True)
 class UpstreamResponse:
-    """Status and headers of an upstream answer; ``body`` streams it; ``close`` releases it."""
+    """Status and headers of an upstream answer; ``body`` streams it; ``close`` releases it.
+
+    ``at_eof``: the whole body has been read (the chunk just read was the last); always False
+    when the client cannot tell. Both are the client's own callables, called as they are (no
+    wrapper call per request)."""
 
     status: int
     headers: tuple[tuple[bytes, bytes], ...]
     body: AsyncIterator[bytes]
-    _response: aiohttp.ClientResponse
-    _at_eof: Callable[[], bool] | None = None
-
-    def close(self) -> None:
-        self._response.release()
-
-    def at_eof(self) -> bool:
-        """The whole body has been read (the chunk just read was the last); False when the
-        client cannot tell."""
-        return self._at_eof is not None and self._at_eof()
+    close: Callable[[], None]
+    at_eof: Callable[[], bool] = _unknown_eof
 
 
 class UpstreamClient(Protocol):
@@ -112,8 +112,8 @@ class AiohttpUpstreamClient:
             status=response.status,
             headers=response.raw_headers,
             body=_Body(response, route),
-            _response=response,
-            _at_eof=response.content.at_eof,
+            close=response.release,
+            at_eof=response.content.at_eof,
         )
 
     async def close(self) -> None:

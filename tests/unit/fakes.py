@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
+from gateway.observability import JSONFormatter
 from gateway.proxy import UpstreamResponse
 from gateway.sessions import Session
 
@@ -33,15 +37,14 @@ class RecordingUpstream:
         async def chunks() -> AsyncIterator[bytes]:
             yield b"ok"
 
-        return UpstreamResponse(200, ((b"Content-Length", b"2"),), chunks(), _Released())  # type: ignore[arg-type]
+        return UpstreamResponse(200, ((b"Content-Length", b"2"),), chunks(), close=_released)
 
     async def close(self) -> None:
         return None
 
 
-class _Released:
-    def release(self) -> None:
-        return None
+def _released() -> None:
+    return None
 
 
 def scribble_on(session: Session) -> None:
@@ -55,3 +58,16 @@ def scribble_on(session: Session) -> None:
     assert isinstance(claims, dict)
     claims["email"] = "mallory@example.com"
     claims.pop("roles", None)
+
+
+class FormattingHandler(logging.Handler):
+    """Formats at emit time, in the request's context, as the StreamHandler in production (a
+    record formatted later has lost the request id its context carried)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(JSONFormatter())
+        self.lines: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(json.loads(self.format(record)))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from gateway import headers as headers_module
 from gateway.headers import (
     add_forwarding,
     build_upstream_headers,
     filter_response_headers,
+    forwarded_site,
     scan_request_headers,
 )
 
@@ -81,7 +83,11 @@ def test_a_connection_header_cannot_drop_the_gateways_own_headers_or_hide_the_co
     assert found[b"cookie"] == "gw_session=secret; theme=dark"  # the session is still found
     assert kept == []  # the listed cookie header is hop-by-hop: not forwarded
     out = add_forwarding(
-        kept, client_ip="10.0.0.1", proto="https", host="gw", bearer="at", request_id="rid"
+        kept,
+        client_ip="10.0.0.1",
+        site=forwarded_site("https", "gw"),
+        bearer="at",
+        request_id="rid",
     )
     assert [name for name, _ in out] == [
         "x-forwarded-for",
@@ -107,3 +113,12 @@ def test_answers_lose_hop_by_hop_headers_our_cookies_and_the_upstreams_date() ->
         (b"set-cookie", b"theme=light"),
         (b"x-request-id", b"rid"),
     ]
+
+
+def test_names_kept_for_the_forwarder_stay_bounded_and_equal_to_the_plain_names() -> None:
+    many = [(f"x-custom-{i}".encode(), b"v") for i in range(2 * headers_module._NAMES_MAX)]
+    _, _, out = scan_request_headers(many, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
+    assert [name for name, _ in out] == [f"x-custom-{i}" for i in range(len(many))]
+    assert len(headers_module._NAMES) <= headers_module._NAMES_MAX
+    _, _, again = scan_request_headers(many, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
+    assert again == out

@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from gateway.observability import (
     JSONFormatter,
     configure_logging,
     current_request_id,
+    new_request_id,
     request_context,
     user_for_log,
     valid_request_id,
@@ -30,7 +32,7 @@ from gateway.observability import (
 from gateway.settings import LogSettings
 
 from .conftest import DISCOVERY, jwks, make_settings
-from .fakes import RecordingUpstream
+from .fakes import FormattingHandler, RecordingUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -280,20 +282,8 @@ async def _never_send(message: Message) -> None:
     raise AssertionError
 
 
-class _FormattingHandler(logging.Handler):
-    """Formats at emit time, in the request's context, as the StreamHandler in production."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.setFormatter(JSONFormatter())
-        self.lines: list[dict[str, Any]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(self.format(record)))
-
-
 async def test_every_line_logged_during_a_request_carries_its_id() -> None:
-    handler = _FormattingHandler()
+    handler = FormattingHandler()
     inner_logger = logging.getLogger("gateway.inner")
     inner_logger.addHandler(handler)
     try:
@@ -419,3 +409,24 @@ async def test_readyz_is_503_when_the_session_store_is_unreachable(idp: respx.Mo
         "ready": False,
         "checks": {"idp": "ok", "store": "session_store_unavailable"},
     }
+
+
+def test_request_ids_are_unique_hex_across_batches_and_a_forked_child_draws_its_own() -> None:
+    ids = [new_request_id() for _ in range(1000)]  # several batches of 256
+    assert len(set(ids)) == 1000
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child process
+        os.write(write, ",".join(new_request_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        child_ids = pipe.read().split(",")
+    parent_ids = [new_request_id() for _ in range(10)]
+    assert (
+        len(child_ids) == 10
+        and not set(child_ids) & set(parent_ids)
+        and not set(child_ids) & set(ids)
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import Any
 
 import httpx
@@ -21,11 +22,11 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from gateway import create_app
-from gateway.observability import JSONFormatter
+from gateway.observability import JSONFormatter, current_request_id
 from gateway.proxy import UpstreamResponse
 
 from .conftest import make_settings
-from .fakes import RecordingUpstream
+from .fakes import FormattingHandler, RecordingUpstream
 
 pytestmark = pytest.mark.anyio
 
@@ -96,6 +97,51 @@ async def test_incoming_request_id_kept_when_valid(sent: str, kept: bool) -> Non
     request_id = response.headers["x-request-id"]
     assert (request_id == sent) is kept
     assert _upstream_header(upstream, "x-request-id") == [request_id]
+
+
+class LoggingUpstream(RecordingUpstream):
+    """Logs a line while it is called, as the real client does when an upstream fails."""
+
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        logging.getLogger("gateway.proxy").warning("upstream says hello")
+        return await super().send(*args, **kwargs)
+
+
+@pytest.mark.parametrize(("sent", "kept"), [("rid-7", True), ("bad id!", False), (None, False)])
+async def test_the_request_id_taken_in_the_header_pass_tags_lines_and_is_reset(
+    sent: str | None, kept: bool
+) -> None:
+    handler = FormattingHandler()
+    proxy_logger = logging.getLogger("gateway.proxy")
+    proxy_logger.addHandler(handler)
+    upstream = LoggingUpstream()
+    app = create_app(make_settings(), upstream=upstream)
+    try:
+        async with _client(app) as client:
+            response = await client.get("/status/x", headers={"X-Request-ID": sent} if sent else {})
+    finally:
+        proxy_logger.removeHandler(handler)
+    request_id = response.headers["x-request-id"]
+    assert request_id == sent if kept else re.fullmatch(r"[0-9a-f]{32}", request_id)
+    [line] = handler.lines
+    assert line["request_id"] == request_id  # bound while the upstream was called
+    assert _upstream_header(upstream, "x-request-id") == [request_id]
+    assert current_request_id.get() is None  # and unbound once the request is done
+
+
+@pytest.mark.parametrize(("sent", "kept"), [("rid-404", True), ("bad id!", False)])
+async def test_a_request_refused_before_the_header_pass_still_gets_its_request_id(
+    access_log: pytest.LogCaptureFixture, sent: str, kept: bool
+) -> None:
+    app = create_app(make_settings(), upstream=RecordingUpstream())
+    async with _client(app) as client:
+        response = await client.get("/nowhere", headers={"X-Request-ID": sent})
+    assert response.status_code == 404
+    request_id = response.headers["x-request-id"]
+    assert request_id == sent if kept else re.fullmatch(r"[0-9a-f]{32}", request_id)
+    [record] = [r for r in access_log.records if r.name == "gateway.access"]
+    assert json.loads(JSONFormatter().format(record))["request_id"] == request_id
+    assert current_request_id.get() is None
 
 
 async def test_relayed_answers_keep_their_headers_own_answers_get_security_headers(
