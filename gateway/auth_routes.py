@@ -130,7 +130,7 @@ class AuthEndpoints:
             check_csrf(
                 method=request.method,
                 header_value=header,
-                expected_value=gw.settings.csrf.value,
+                expected_value=gw.csrf_value,
                 origin=request.headers.get("origin"),
                 sec_fetch_site=request.headers.get("sec-fetch-site"),
                 allowed_origins=gw.settings.allowed_origins,

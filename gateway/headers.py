@@ -60,7 +60,7 @@ RawHeaders = list[tuple[bytes, bytes]]
 # Header names for the upstream as multidict's ``istr``: the forwarder (aiohttp) files every
 # name into case-insensitive dicts three times, and an ``istr`` carries its folded form where
 # a plain ``str`` is folded again each time (~700 instructions per header and request). The
-# client's names are kept once seen (bounded: a client chooses them).
+# client's names are kept once seen (bounded in number and length: a client chooses them).
 _FORWARDED_FOR = istr("x-forwarded-for")
 _FORWARDED_PROTO = istr("x-forwarded-proto")
 _FORWARDED_HOST = istr("x-forwarded-host")
@@ -68,6 +68,7 @@ _AUTHORIZATION = istr("authorization")
 _REQUEST_ID_NAME = istr("x-request-id")
 _NAMES: dict[bytes, str] = {}
 _NAMES_MAX = 512
+_NAME_KEPT_MAX = 64  # longer names (rare, and a client's to choose) are not kept
 
 
 def _upstream_name(name: bytes) -> str:
@@ -75,7 +76,7 @@ def _upstream_name(name: bytes) -> str:
     found = _NAMES.get(name)
     if found is None:
         found = istr(name.decode("latin-1"))
-        if len(_NAMES) < _NAMES_MAX:
+        if len(_NAMES) < _NAMES_MAX and len(name) <= _NAME_KEPT_MAX:
             _NAMES[name] = found
     return found
 

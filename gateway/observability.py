@@ -29,8 +29,9 @@ _STANDARD.add("color_message")  # uvicorn's ANSI-coloured copy of the message
 REQUEST_ID_HEADER = b"x-request-id"
 CONTEXT_KEY = "gateway.context"  # the RequestContext's key in the ASGI scope
 # What we accept from clients: short, and safe to echo into logs and headers.
-_VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")
-_VALID_REQUEST_ID_TEXT = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_REQUEST_ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"
+_VALID_REQUEST_ID = re.compile(_REQUEST_ID_PATTERN.encode())
+_VALID_REQUEST_ID_TEXT = re.compile(_REQUEST_ID_PATTERN)
 
 current_request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
 

@@ -38,6 +38,7 @@ from .observability import (
     RequestContext,
     bind_request_id,
     current_request_id,
+    new_request_id,
     request_context,
 )
 from .proxy import UpstreamResponse
@@ -188,6 +189,8 @@ class ProxyFastPath:
         finally:
             if context.bound is not None:
                 current_request_id.reset(context.bound)
+            elif not context.request_id:  # cancelled before handle's header pass
+                context.request_id = new_request_id()
             status = context.status if context.status is not None else CLIENT_CLOSED_REQUEST
             self._access.record(scope["method"], context, status, time.perf_counter() - started)
 
@@ -273,7 +276,14 @@ class ProxyEndpoint:
         length = found.get(b"content-length")
         if length is not None:
             length = length.strip()
-            if limit and length.isdigit() and int(length) > limit:
+            # ASCII digits only ("²" is a digit to isdigit and not to int), and no int() of
+            # thousands of them (Python refuses; more than 18 is over any limit anyway).
+            if (
+                limit
+                and length.isascii()
+                and length.isdigit()
+                and (len(length) > 18 or int(length) > limit)
+            ):
                 raise PayloadTooLarge(f"the request body is over {limit} bytes")
             return _RequestBody(receive, limit) if length not in ("", "0") else None
         if b"transfer-encoding" in found or method not in _BODYLESS:

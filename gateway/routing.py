@@ -135,7 +135,7 @@ class RouteTable:
         self._root: Route | None = None
         for route in self._routes:
             if route.prefix == "/":
-                self._root = route
+                self._root = self._root or route
             else:
                 self._by_segment.setdefault(_first_segment(route.prefix), []).append(
                     (route.prefix, route.prefix[:-1], route)

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -411,22 +412,24 @@ async def test_readyz_is_503_when_the_session_store_is_unreachable(idp: respx.Mo
     }
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_request_ids_are_unique_hex_across_batches_and_a_forked_child_draws_its_own() -> None:
     ids = [new_request_id() for _ in range(1000)]  # several batches of 256
     assert len(set(ids)) == 1000
     assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
     read, write = os.pipe()
-    child = os.fork()
+    with warnings.catch_warnings():  # 3.12+ warns about forking a process with threads
+        warnings.simplefilter("ignore", DeprecationWarning)
+        child = os.fork()
     if child == 0:  # pragma: no cover - the child process
-        os.write(write, ",".join(new_request_id() for _ in range(10)).encode())
-        os._exit(0)
+        try:
+            os.write(write, ",".join(new_request_id() for _ in range(10)).encode())
+        finally:
+            os._exit(0)
     os.close(write)
     os.waitpid(child, 0)
     with os.fdopen(read) as pipe:
         child_ids = pipe.read().split(",")
-    parent_ids = [new_request_id() for _ in range(10)]
-    assert (
-        len(child_ids) == 10
-        and not set(child_ids) & set(parent_ids)
-        and not set(child_ids) & set(ids)
-    )
+    parent_ids = [new_request_id() for _ in range(10)]  # the rest of the parent's batch
+    assert len(child_ids) == 10
+    assert not set(child_ids) & set(parent_ids) and not set(child_ids) & set(ids)

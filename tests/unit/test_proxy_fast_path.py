@@ -22,6 +22,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from gateway import create_app
+from gateway.errors import HeadersTooLarge, PayloadTooLarge
 from gateway.observability import JSONFormatter, current_request_id
 from gateway.proxy import UpstreamResponse
 
@@ -236,3 +237,117 @@ async def test_gateway_paths_and_mounted_apps_still_take_the_router() -> None:
     assert own.text == "mine" and "x-request-id" not in own.headers
     assert mounted.status_code == 200 and len(mounted.headers["x-request-id"]) == 32
     assert upstream.calls[-1][0] == "http://127.0.0.1:9/x"
+
+
+class OneReadUpstream(RecordingUpstream):
+    """Its body arrives in one read, and the client can tell (as aiohttp's ``at_eof``)."""
+
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        response = await super().send(*args, **kwargs)
+        response.at_eof = lambda: True
+        return response
+
+
+async def _raw_request(app: Any, method: str, path: str) -> list[dict[str, Any]]:
+    """The ASGI messages the app sends for one request (what a server would write)."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "https",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"app.example.com")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 443),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+@pytest.mark.parametrize(("method", "body"), [("GET", b"ok"), ("HEAD", b"")])
+async def test_a_body_read_in_one_go_is_one_final_message_and_head_sends_none(
+    method: str, body: bytes
+) -> None:
+    app = create_app(make_settings(), upstream=OneReadUpstream())
+    start, *bodies = await _raw_request(app, method, "/status/x")
+    assert start["type"] == "http.response.start" and start["status"] == 200
+    assert bodies == [{"type": "http.response.body", "body": body, "more_body": False}]
+
+
+async def test_a_longer_body_is_relayed_chunk_by_chunk_then_closed() -> None:
+    app = create_app(make_settings(), upstream=RecordingUpstream())  # cannot tell its end
+    _, *bodies = await _raw_request(app, "GET", "/status/x")
+    assert [(m["body"], m.get("more_body")) for m in bodies] == [(b"ok", True), (b"", False)]
+
+
+async def test_the_first_of_duplicate_request_ids_is_the_one_kept() -> None:
+    upstream = RecordingUpstream()
+    app = create_app(make_settings(), upstream=upstream)
+    async with _client(app) as client:
+        response = await client.get(
+            "/status/x", headers=[("X-Request-ID", "first-id"), ("X-Request-ID", "second-id")]
+        )
+    assert response.headers["x-request-id"] == "first-id"
+    assert _upstream_header(upstream, "x-request-id") == ["first-id"]
+
+
+LIMITED = make_settings(
+    limits={"max_header_bytes": 2048},
+    routes=[
+        {
+            "prefix": "/status/",
+            "upstream": "http://127.0.0.1:9/",
+            "auth": "none",
+            "max_body_bytes": 10,
+        }
+    ],
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "found", "outcome"),
+    [
+        ("GET", {}, None),
+        ("POST", {}, "body"),
+        ("GET", {b"transfer-encoding": "chunked"}, "body"),
+        ("POST", {b"content-length": "0"}, None),
+        ("POST", {b"content-length": " "}, None),
+        ("POST", {b"content-length": " 10 "}, "body"),
+        ("POST", {b"content-length": "11"}, PayloadTooLarge),
+        ("POST", {b"content-length": "9" * 5000}, PayloadTooLarge),  # no int() of 5,000 digits
+        ("POST", {b"content-length": "\xb2"}, "body"),  # latin-1 "²": a digit to str.isdigit
+        ("POST", {b"content-length": "x"}, "body"),  # the server's parser refuses these first
+    ],
+)
+def test_request_body_limits_and_whether_there_is_a_body(
+    method: str, found: dict[bytes, str], outcome: object
+) -> None:
+    app = create_app(LIMITED, upstream=RecordingUpstream())
+    endpoint = app.fast_path._endpoint  # type: ignore[attr-defined]
+    route = app.state.gateway.routes.match("/status/x")
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("not read here")
+
+    if isinstance(outcome, type):
+        with pytest.raises(outcome):
+            endpoint._request_body(100, found, method, route, receive)
+        return
+    body = endpoint._request_body(100, found, method, route, receive)
+    assert (body is not None) == (outcome == "body")
+    if body is not None:
+        assert body.limit == 10
+    with pytest.raises(HeadersTooLarge):
+        endpoint._request_body(4096, found, method, route, receive)
