@@ -71,13 +71,12 @@ _NAMES_MAX = 512
 _NAME_KEPT_MAX = 64  # longer names (rare, and a client's to choose) are not kept
 
 
-def _upstream_name(name: bytes) -> str:
-    """A lower-case request header name as an ``istr``, kept for the next request."""
-    found = _NAMES.get(name)
-    if found is None:
-        found = istr(name.decode("latin-1"))
-        if len(_NAMES) < _NAMES_MAX and len(name) <= _NAME_KEPT_MAX:
-            _NAMES[name] = found
+def _new_upstream_name(name: bytes) -> str:
+    """A lower-case request header name not in ``_NAMES`` yet, as an ``istr`` kept there for
+    the next request (the caller looked it up first)."""
+    found = istr(name.decode("latin-1"))
+    if len(_NAMES) < _NAMES_MAX and len(name) <= _NAME_KEPT_MAX:
+        _NAMES[name] = found
     return found
 
 
@@ -143,7 +142,7 @@ def scan_request_headers(
             raw_value = strip_cookies(raw_value, gateway_cookies)
             if not raw_value:
                 continue
-        out.append((_NAMES.get(name) or _upstream_name(name), raw_value.decode("latin-1")))
+        out.append((_NAMES.get(name) or _new_upstream_name(name), raw_value.decode("latin-1")))
     if listed:
         dropped = {token.decode("latin-1") for token in listed}
         out = [(name, value) for name, value in out if name not in dropped]

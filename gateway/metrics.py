@@ -126,7 +126,12 @@ class GatewayMetrics:
         routes = list(routes)
         names = [*routes, GATEWAY_ROUTE, UNMATCHED_ROUTE]
         self._by_route: dict[str, _RouteSeries] = {
-            n: self._route_series(n, upstream=n in routes) for n in names
+            n: (
+                self._request_seconds.labels(n),
+                {},
+                self._upstream_seconds.labels(n) if n in routes else None,
+            )
+            for n in names
         }
         self._exchange_children = {
             (a, o): self._exchanges.labels(a, o) for a in audiences for o in EXCHANGE_OUTCOMES
@@ -153,11 +158,8 @@ class GatewayMetrics:
         The two observations are FastHistogram.observe written out: two calls fewer on every
         request."""
         series = self._by_route.get(route)
-        if series is None or (upstream_seconds is not None and series[2] is None):
-            # Not a configured name (bounded by the callers) or its first upstream call.
-            series = self._by_route[route] = self._route_series(
-                route, upstream=upstream_seconds is not None, old=series
-            )
+        if series is None:  # not a configured name: bounded by the callers, bind it once
+            series = self._by_route[route] = (self._request_seconds.labels(route), {}, None)
         histogram, by_status, upstream = series
         counter = by_status.get(status)
         if counter is None:  # at most one per HTTP status code per route
@@ -165,20 +167,12 @@ class GatewayMetrics:
         counter.value += 1
         histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
         histogram.sum += seconds
-        if upstream_seconds is not None and upstream is not None:
+        if upstream_seconds is not None:
+            if upstream is None:  # its first upstream time: no empty series before
+                upstream = self._upstream_seconds.labels(route)
+                self._by_route[route] = (histogram, by_status, upstream)
             upstream.counts[bisect_left(upstream.bounds, upstream_seconds)] += 1
             upstream.sum += upstream_seconds
-
-    def _route_series(
-        self, route: str, *, upstream: bool, old: _RouteSeries | None = None
-    ) -> _RouteSeries:
-        """A route's request histogram and counters by status (``old``'s, if given), and its
-        upstream histogram if ``upstream`` (bound only once a route has an upstream time: no
-        empty series for the gateway's own answers)."""
-        histogram, by_status = (
-            (old[0], old[1]) if old else (self._request_seconds.labels(route), {})
-        )
-        return (histogram, by_status, self._upstream_seconds.labels(route) if upstream else None)
 
     def exchange_ok(self, audience: str) -> None:
         self._exchange(audience, "ok")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from starlette.types import Scope
 
+from .headers import first_header
 from .metrics import GATEWAY_ROUTE
 from .settings import LogSettings
 
@@ -29,9 +30,7 @@ _STANDARD.add("color_message")  # uvicorn's ANSI-coloured copy of the message
 REQUEST_ID_HEADER = b"x-request-id"
 CONTEXT_KEY = "gateway.context"  # the RequestContext's key in the ASGI scope
 # What we accept from clients: short, and safe to echo into logs and headers.
-_REQUEST_ID_PATTERN = r"[A-Za-z0-9._-]{1,128}"
-_VALID_REQUEST_ID = re.compile(_REQUEST_ID_PATTERN.encode())
-_VALID_REQUEST_ID_TEXT = re.compile(_REQUEST_ID_PATTERN)
+_VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 current_request_id: ContextVar[str | None] = ContextVar("gateway_request_id", default=None)
 
@@ -79,26 +78,21 @@ def new_request_id() -> str:
 
 
 def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
-    """The client's ``X-Request-ID`` if it is valid (see :func:`valid_request_id`)."""
-    for key, value in headers:
-        if key == REQUEST_ID_HEADER:
-            return valid_request_id(value)
-    return None
+    """The client's (first) ``X-Request-ID`` if it is valid (see :func:`valid_request_id`)."""
+    return valid_request_id(first_header(headers, REQUEST_ID_HEADER))
 
 
 def bind_request_id(context: RequestContext, client_value: str | None) -> None:
     """Give ``context`` the client's request id (``client_value``, if valid) or a new one, and
     make it the id of every line logged until the request ends (which resets ``bound``)."""
-    if client_value is not None and _VALID_REQUEST_ID_TEXT.fullmatch(client_value):
-        context.request_id = client_value
-    else:
-        context.request_id = new_request_id()
+    context.request_id = valid_request_id(client_value) or new_request_id()
     context.bound = current_request_id.set(context.request_id)
 
 
-def valid_request_id(value: bytes) -> str | None:
-    """A client's ``X-Request-ID`` if it is 1-128 characters of ``[A-Za-z0-9._-]``."""
-    return value.decode("ascii") if _VALID_REQUEST_ID.fullmatch(value) else None
+def valid_request_id(value: str | None) -> str | None:
+    """A client's ``X-Request-ID`` (a header value, decoded as latin-1) if it is 1-128
+    characters of ``[A-Za-z0-9._-]``: safe to log and to echo."""
+    return value if value is not None and _VALID_REQUEST_ID.fullmatch(value) else None
 
 
 def user_for_log(

@@ -109,10 +109,7 @@ def check_csrf(
     The custom header cannot be set cross-site without a CORS preflight that we never grant;
     ``Origin`` and ``Sec-Fetch-Site`` add a second check for state-changing methods.
     """
-    # tokens_equal, written out: this runs on every proxied call to a token route.
-    if header_value is None or not hmac.compare_digest(
-        header_value.encode(), expected_value.encode()
-    ):
+    if not tokens_equal(header_value, expected_value):
         raise CSRFCheckFailed("missing or wrong anti-CSRF header")
     if method in SAFE_METHODS:
         return

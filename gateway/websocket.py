@@ -147,7 +147,7 @@ class WebSocketRelay:
             proto=gw.public_scheme,
             host=gw.public_host,
             bearer=None,
-            forward_cookies=route.settings.forward_cookies,
+            forward_cookies=route.forward_cookies,
             # As on HTTP: a valid X-Request-ID goes on, anything else gives way to a new one.
             request_id=incoming_request_id(scope["headers"]) or new_request_id(),
         )
@@ -182,7 +182,7 @@ class WebSocketRelay:
         if token is not None:
             headers.append(("authorization", f"Bearer {token}"))
         try:
-            async with asyncio.timeout(route.settings.timeout):
+            async with asyncio.timeout(route.timeout):
                 return await self._client().ws_connect(
                     URL(upgrade.url, encoded=True),
                     protocols=subprotocols,

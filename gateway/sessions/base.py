@@ -68,7 +68,6 @@ class Session:
         return f"Session(id={self.id[:8]}…, sub={self.sub!r}, rt_version={self.rt_version})"
 
     def is_expired(self, now: float | None = None) -> bool:
-        # Written out in SessionManager.current (the hot path): keep them alike.
         return (now if now is not None else time.time()) >= self.absolute_expiry
 
     def compact(self) -> None:

@@ -86,17 +86,14 @@ class SessionManager:
 
     async def current(self, cookie_header: str | None) -> Session | None:
         """The live session of this cookie (sliding its idle expiry), or None."""
-        # A cookie header seen (and verified) before needs no call to session_id_from_cookie.
-        session_id = self._verified.get(cookie_header) if cookie_header is not None else None
-        if session_id is None:
-            session_id = self.session_id_from_cookie(cookie_header)
+        session_id = self.session_id_from_cookie(cookie_header)
         if session_id is None:
             return None
         session = await self.store.load(session_id)
         if session is None:
             return None
         now = self._clock()
-        if now >= session.absolute_expiry:  # session.is_expired, without a call per request
+        if session.is_expired(now):
             await self.store.delete(session_id)
             return None
         if now - session.last_seen >= self._touch_interval:

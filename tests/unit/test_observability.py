@@ -98,12 +98,13 @@ def _access_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
 
 @pytest.mark.parametrize("value", VALID_IDS)
 def test_valid_request_id_accepts_short_safe_ids(value: str) -> None:
-    assert valid_request_id(value.encode()) == value
+    assert valid_request_id(value) == value
 
 
 @pytest.mark.parametrize("value", INVALID_IDS)
 def test_valid_request_id_refuses_long_or_unsafe_ids(value: str) -> None:
-    assert valid_request_id(value.encode("utf-8")) is None
+    assert valid_request_id(value.encode("utf-8").decode("latin-1")) is None  # as a header
+    assert valid_request_id(None) is None
 
 
 @pytest.mark.parametrize(
