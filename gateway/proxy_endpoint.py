@@ -181,7 +181,7 @@ class ProxyFastPath:
         started = time.perf_counter()
         # No request id yet: handle takes it from its one pass over the headers (failed, for a
         # request refused before that pass), and binds it to the log context.
-        context = scope[CONTEXT_KEY] = RequestContext(request_id="")
+        context = scope[CONTEXT_KEY] = RequestContext("")
         try:
             await self._endpoint.handle(scope, receive, send, context)
         except Exception as exc:
@@ -328,7 +328,9 @@ class ProxyEndpoint:
             session_id = session.id
             if route.csrf:
                 _check_csrf(gw, method, found.get)
-            bearer = await gw.broker.access_token(session, route)
+            bearer = gw.broker.cached_token(session_id, route) or await gw.broker.access_token(
+                session, route
+            )
         query = scope.get("query_string", b"").decode("latin-1")
         url = route.upstream_url(path, query)
         add_forwarding(

@@ -137,15 +137,24 @@ class TokenBroker:
         self._idp_down_message = ""
         self.exchanges = 0  # refresh-token grants sent (observability, tests)
 
+    def cached_token(self, session_id: str, route: Route) -> str | None:
+        """This process's cached token for ``route`` if it is not due for refresh, else None
+        (then :meth:`access_token`). Not a coroutine: the proxy's hot path calls it first and
+        awaits nothing on a hit."""
+        entry = self._cache.fresh((session_id, route.audience, route.scope_key), self._clock())
+        if entry is None:
+            return None
+        self._metrics.cache_hit_local.value += 1  # inc() written out: the hot path's hit
+        return entry.access_token
+
     async def access_token(self, session: Session, route: Route) -> str:
         """A checked access token for ``route``'s audience; refreshes when due."""
+        hit = self.cached_token(session.id, route)
+        if hit is not None:
+            return hit
         audience = route.audience
         key: CacheKey = (session.id, audience, route.scope_key)
         now = self._clock()
-        fresh = self._cache.fresh(key, now)
-        if fresh is not None:
-            self._metrics.cache_hit_local.value += 1  # inc() written out: the hot path's hit
-            return fresh.access_token
         scopes = route.settings.scopes
         refusal = self._refusals.get(key)
         if refusal is not None:

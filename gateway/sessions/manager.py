@@ -52,6 +52,8 @@ class SessionManager:
         # Sliding the idle expiry costs a store write; do it at most this often per session.
         self._touch_interval = min(60.0, settings.session.idle_timeout / 10)
         self._verified: dict[str, str] = {}
+        # A store that answers without IO (the memory store) is read without a coroutine.
+        self._load_now: Callable[[str], Session | None] | None = getattr(store, "load_now", None)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -89,7 +91,8 @@ class SessionManager:
         session_id = self.session_id_from_cookie(cookie_header)
         if session_id is None:
             return None
-        session = await self.store.load(session_id)
+        load_now = self._load_now
+        session = load_now(session_id) if load_now else await self.store.load(session_id)
         if session is None:
             return None
         now = self._clock()

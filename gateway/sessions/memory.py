@@ -45,6 +45,10 @@ class MemorySessionStore:
             self._sweep()
 
     async def load(self, session_id: str) -> Session | None:
+        return self.load_now(session_id)
+
+    def load_now(self, session_id: str) -> Session | None:
+        """``load`` without a coroutine: nothing here waits (see SessionManager.current)."""
         entry = self._sessions.get(session_id)
         if entry is None:
             return None

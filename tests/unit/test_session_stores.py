@@ -8,9 +8,13 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from gateway.crypto import SessionCipher
 from gateway.errors import LoginRequired
 from gateway.sessions import CachedToken, MemorySessionStore, Session, SessionStore
+from gateway.sessions.manager import SessionManager
 from tests.unit.test_redis_store import redis_store
+
+from .conftest import make_settings
 
 IDLE = 60.0
 
@@ -265,3 +269,53 @@ async def test_store_remember_jti_is_true_once_until_ttl(
     await asyncio.sleep(0.5)
     assert await store.remember_jti("jti-1", ttl=60) is True
     assert await store.remember_jti("jti-1", ttl=60) is False
+
+
+async def test_memory_store_load_now_answers_as_load() -> None:
+    clock = FakeClock()
+    store = MemorySessionStore(idle_timeout=IDLE, clock=clock)
+    session = make_session(clock)
+    await store.save(session)
+    assert store.load_now(session.id) is session
+    assert await store.load(session.id) is session
+    assert store.load_now("no-such-session") is None
+    clock.now += IDLE + 1  # idle-expired: gone for both, and dropped
+    assert store.load_now(session.id) is None
+    assert await store.load(session.id) is None
+    assert len(store) == 0
+
+
+class _LoadOnly:
+    """A store that reads only through ``load`` (as the Redis store): no ``load_now``."""
+
+    def __init__(self, inner: MemorySessionStore) -> None:
+        self._inner = inner
+        self.idle_timeout = inner.idle_timeout
+        self.loads = 0
+
+    async def load(self, session_id: str) -> Session | None:
+        self.loads += 1
+        return await self._inner.load(session_id)
+
+    def __getattr__(self, name: str) -> object:
+        if name == "load_now":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+async def test_session_manager_reads_without_a_coroutine_only_where_the_store_can() -> None:
+    key = "k" * 48
+    settings = make_settings(session={"secret_key": [key]})
+    cipher = SessionCipher([key])
+    memory = MemorySessionStore(idle_timeout=IDLE)
+    for store, loads_through_load in ((memory, False), (_LoadOnly(memory), True)):
+        manager = SessionManager(settings, store, cipher)  # type: ignore[arg-type]
+        session, set_cookie = await manager.create(
+            sub="alice", sid="s1", refresh_token="rt", id_token=None, claims={"sub": "alice"}
+        )
+        cookie = set_cookie.split(";", 1)[0]
+        current = await manager.current(cookie)
+        assert current is not None and current.id == session.id
+        assert await manager.current(cookie + "x") is None  # a bad signature is still refused
+        if loads_through_load:
+            assert store.loads == 1  # type: ignore[union-attr]

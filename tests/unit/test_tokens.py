@@ -303,3 +303,25 @@ def test_token_cache_forget_and_eviction_stay_per_session() -> None:
     assert cache.get(("s1", "late", "")) is not None
     assert cache.fresh(("s1", "aud3", ""), now + 89) is not None
     assert cache.fresh(("s1", "aud3", ""), now + 90) is None
+
+
+async def test_broker_cached_token_is_the_hit_of_access_token_without_a_coroutine(
+    h: Harness, idp: respx.MockRouter
+) -> None:
+    route = h.routes.by_name("api")
+    assert route is not None
+    exchange = idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    hits = h.broker._metrics.cache_hit_local
+    assert h.broker.cached_token(h.session.id, route) is None  # nothing minted yet
+    minted = await h.token("api")
+    before = hits.value
+    assert h.broker.cached_token(h.session.id, route) == minted
+    assert hits.value == before + 1  # counted as the local hit it is
+    other = h.routes.by_name("billing")
+    assert other is not None and h.broker.cached_token(h.session.id, other) is None
+    assert h.broker.cached_token("another-session", route) is None
+    h.clock.now += 600 - 60 + 1  # due for refresh: the hot path falls back to access_token
+    assert h.broker.cached_token(h.session.id, route) is None
+    assert hits.value == before + 1
+    await h.token("api")
+    assert exchange.call_count == 2
