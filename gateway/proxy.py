@@ -108,12 +108,13 @@ class AiohttpUpstreamClient:
             raise
         except BaseException as exc:
             raise map_upstream_error(exc, route) from exc
+        # Positional: keyword arguments to a class cost a dict per call.
         return UpstreamResponse(
-            status=response.status,
-            headers=response.raw_headers,
-            body=_Body(response, route),
-            close=response.release,
-            at_eof=response.content.at_eof,
+            response.status,
+            response.raw_headers,
+            _Body(response, route),
+            response.release,
+            response.content.at_eof,
         )
 
     async def close(self) -> None:
