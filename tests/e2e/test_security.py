@@ -198,14 +198,22 @@ async def test_https_cookies_are_host_prefixed_and_secure(idp: IdpProcess) -> No
 
 async def test_garbage_cookies_are_refused_before_any_store_lookup(gw: GatewayUnderTest) -> None:
     store = gw.gateway.store
+    manager = gw.gateway.sessions
     loads: list[str] = []
     original = store.load
+    original_now = manager._load_now  # the memory store is read without a coroutine
 
     async def counting_load(session_id: str) -> Any:
         loads.append(session_id)
         return await original(session_id)
 
+    def counting_load_now(session_id: str) -> Any:
+        loads.append(session_id)
+        return original_now(session_id) if original_now else None
+
     store.load = counting_load
+    if original_now is not None:
+        manager._load_now = counting_load_now
     try:
         async with gw.client() as client:
             await gw.login(client)
@@ -224,6 +232,7 @@ async def test_garbage_cookies_are_refused_before_any_store_lookup(gw: GatewayUn
             ok = await client.get("/auth/me", headers={"Cookie": f"gw_session={value}"})
     finally:
         del store.load
+        manager._load_now = original_now
     assert ok.status_code == 200 and len(loads) == 1
 
 
