@@ -138,7 +138,11 @@ class SessionStore(Protocol):
         """
 
     async def load(self, session_id: str) -> Session | None:
-        """The live session, or None when missing, idle-expired or past its absolute expiry."""
+        """The live session, or None when missing, idle-expired or past its absolute expiry.
+
+        A store that answers without IO may also offer ``load_now(session_id)``: the same
+        answer, not a coroutine (the memory store does); SessionManager then reads through it.
+        """
 
     async def touch(self, session: Session) -> None:
         """Slide the idle expiry (callers rate-limit this; see SessionManager)."""

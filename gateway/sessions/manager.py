@@ -53,6 +53,7 @@ class SessionManager:
         self._touch_interval = min(60.0, settings.session.idle_timeout / 10)
         self._verified: dict[str, str] = {}
         # A store that answers without IO (the memory store) is read without a coroutine.
+        # (``store`` is fixed after construction: nothing reassigns it.)
         self._load_now: Callable[[str], Session | None] | None = getattr(store, "load_now", None)
 
     # -- reading ----------------------------------------------------------------------------

@@ -308,7 +308,13 @@ async def test_session_manager_reads_without_a_coroutine_only_where_the_store_ca
     settings = make_settings(session={"secret_key": [key]})
     cipher = SessionCipher([key])
     memory = MemorySessionStore(idle_timeout=IDLE)
-    for store, loads_through_load in ((memory, False), (_LoadOnly(memory), True)):
+
+    async def never_awaited(session_id: str) -> Session | None:
+        raise AssertionError("the memory store is read through load_now")
+
+    read_now = MemorySessionStore(idle_timeout=IDLE)
+    read_now.load = never_awaited  # type: ignore[method-assign]
+    for store, loads_through_load in ((read_now, False), (_LoadOnly(memory), True)):
         manager = SessionManager(settings, store, cipher)  # type: ignore[arg-type]
         session, set_cookie = await manager.create(
             sub="alice", sid="s1", refresh_token="rt", id_token=None, claims={"sub": "alice"}
