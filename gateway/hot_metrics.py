@@ -39,17 +39,16 @@ class FastHistogram:
     """``counts[i]``: observations in bucket ``i`` alone (the last is +Inf); cumulated when
     scraped."""
 
-    __slots__ = ("bounds", "counts", "sum")
+    __slots__ = ("_bounds", "counts", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
-        self.bounds = bounds
+        self._bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
     def observe(self, value: float) -> None:
-        # Written out twice in GatewayMetrics.observe_request (the hot path): keep them alike.
         # Prometheus buckets are "less than or equal": the first bound >= value.
-        self.counts[bisect_left(self.bounds, value)] += 1
+        self.counts[bisect_left(self._bounds, value)] += 1
         self.sum += value
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Sized
 from wsgiref.simple_server import WSGIServer
 
@@ -153,10 +152,7 @@ class GatewayMetrics:
     def observe_request(
         self, route: str, status: int, seconds: float, upstream_seconds: float | None
     ) -> None:
-        """One answered request: count it, time it, and time its upstream call if any.
-
-        The two observations are FastHistogram.observe written out: two calls fewer on every
-        request."""
+        """One answered request: count it, time it, and time its upstream call if any."""
         series = self._by_route.get(route)
         if series is None:  # not a configured name: bounded by the callers, bind it once
             series = self._by_route[route] = (self._request_seconds.labels(route), {}, None)
@@ -164,15 +160,13 @@ class GatewayMetrics:
         counter = by_status.get(status)
         if counter is None:  # at most one per HTTP status code per route
             counter = by_status[status] = self._requests.labels(route, str(status))
-        counter.value += 1
-        histogram.counts[bisect_left(histogram.bounds, seconds)] += 1
-        histogram.sum += seconds
+        counter.inc()
+        histogram.observe(seconds)
         if upstream_seconds is not None:
             if upstream is None:  # its first upstream time: no empty series before
                 upstream = self._upstream_seconds.labels(route)
                 self._by_route[route] = (histogram, by_status, upstream)
-            upstream.counts[bisect_left(upstream.bounds, upstream_seconds)] += 1
-            upstream.sum += upstream_seconds
+            upstream.observe(upstream_seconds)
 
     def exchange_ok(self, audience: str) -> None:
         self._exchange(audience, "ok")

@@ -86,8 +86,7 @@ def incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
 def bind_request_id(context: RequestContext, client_value: str | None) -> None:
     """Give ``context`` the client's request id (``client_value``, if valid) or a new one, and
     make it the id of every line logged until the request ends (which resets ``bound``)."""
-    request_id = valid_request_id(client_value) if client_value is not None else None
-    context.request_id = request_id or new_request_id()  # (most clients send none)
+    context.request_id = valid_request_id(client_value) or new_request_id()
     context.bound = current_request_id.set(context.request_id)
 
 
