@@ -109,7 +109,8 @@ async def bearer_for(gw: Gateway, route: Route, session: Session, method: str, s
     """
     if route.csrf:
         _check_csrf(gw, method, lambda name: first_header(scope["headers"], name))
-    return await gw.broker.access_token(session, route)
+    # A hit needs no coroutine (access_token would look it up again first): as in handle.
+    return gw.broker.cached_token(session.id, route) or await gw.broker.access_token(session, route)
 
 
 def _check_csrf(gw: Gateway, method: str, header: Callable[[bytes], str | None]) -> None:
