@@ -246,8 +246,9 @@ class ProxyEndpoint:
             return
         if not isinstance(exc, GatewayError):
             # Like Starlette's last-resort handler: the type only (an exception's arguments
-            # may hold secrets), and a JSON 500.
-            logger.error("unhandled %s on %s", type(exc).__name__, scope["path"])
+            # may hold secrets), and a JSON 500. The route's name, not the path: an API path
+            # can carry a secret (as the access line, which never logs one).
+            logger.error("unhandled %s on route %s", type(exc).__name__, context.route)
             exc = GatewayError("unexpected error")
         elif isinstance(exc, LoginRequired):
             # Every 401 tells the SPA where to go (also when the broker raised it).
