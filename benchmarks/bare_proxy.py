@@ -5,6 +5,9 @@ gateway's forwarder is (no cookie jar, no decompression, keep-alive): every requ
 same upstream, path and query unchanged, hop-by-hop headers dropped (and the upstream's Date, for
 uvicorn's own), bodies streamed both ways.
 No routing, sessions, tokens, metrics or logging. The gateway's cost is measured against this.
+The process runs with the gateway's allocator setting (gateway/allocator.py: freed buffers are
+kept for reuse), as ``gateway run`` does: without it the 1 MiB cells measure page faults, not
+the proxies.
 
     python -m benchmarks.bare_proxy --port 8001 --upstream http://127.0.0.1:8080 [--client httpx]
 
@@ -22,6 +25,8 @@ import aiohttp
 import httpx
 import uvicorn
 from yarl import URL
+
+from gateway.allocator import keep_freed_memory
 
 _HOP_BY_HOP = frozenset(
     {
@@ -183,6 +188,7 @@ def main() -> None:
     parser.add_argument("--client", choices=["aiohttp", "httpx"], default="aiohttp")
     args = parser.parse_args()
     app = BareHttpxProxy if args.client == "httpx" else BareProxy
+    keep_freed_memory()
     uvicorn.run(
         app(args.upstream),
         host=args.host,

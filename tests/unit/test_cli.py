@@ -48,3 +48,27 @@ def test_check_online_reports_unreachable_idp(
     config.write_text(GOOD.replace("https://tenant.auth0.com/", "http://127.0.0.1:9/"))
     assert main(["check", "--config", str(config), "--online"]) == 1
     assert "idp_unavailable" in capsys.readouterr().err
+
+
+def test_run_freezes_startup_objects_and_keeps_freed_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import uvicorn
+
+    from gateway import cli, observability
+
+    calls: list[str] = []
+    fake_gc = types.SimpleNamespace(
+        collect=lambda: calls.append("collect"), freeze=lambda: calls.append("freeze")
+    )
+    monkeypatch.setattr(cli, "gc", fake_gc)
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(f"run:{kw['port']}"))
+    monkeypatch.setattr(observability, "configure_logging", lambda settings: None)
+    monkeypatch.setenv("GATEWAY_OIDC__CLIENT_SECRET", "s")
+    config = tmp_path / "gateway.yaml"
+    config.write_text(GOOD + 'session: {secret_key: "' + "k" * 48 + '"}\n')
+    assert main(["run", "--config", str(config), "--port", "8123"]) == 0
+    assert calls == ["collect", "freeze", "keep", "run:8123"]
