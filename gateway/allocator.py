@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 
 MMAP_THRESHOLD = 4 * 1024 * 1024  # larger requests than this still get pages of their own
 TRIM_THRESHOLD = 32 * 1024 * 1024  # at most this much free memory is kept at the heap's top
@@ -38,7 +37,7 @@ def keep_freed_memory(
     """
     if any(os.environ.get(name) for name in _OPERATOR_SETTINGS):
         return False
-    if platform.libc_ver()[0] != "glibc":
+    if not _is_glibc():
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -51,3 +50,11 @@ def keep_freed_memory(
         mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1
         and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
     )
+
+
+def _is_glibc() -> bool:
+    """Whether the running C library is glibc (asked of the library itself)."""
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):  # a name this platform's confstr does not know
+        return False

@@ -68,5 +68,9 @@ def test_the_operators_allocator_settings_stand() -> None:
 def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in allocator._OPERATOR_SETTINGS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("musl", "1.2"))
+
+    def unknown_name(name: str) -> str:
+        raise ValueError("unrecognized configuration name")
+
+    monkeypatch.setattr(allocator.os, "confstr", unknown_name)  # musl, macOS
     assert keep_freed_memory() is False
