@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=float, default=10, help="seconds per cell")
     parser.add_argument("--warmup", type=float, default=2, help="unrecorded seconds per cell")
     parser.add_argument(
+        "--settle",
+        type=float,
+        default=1,
+        help="idle seconds between a cell's warm-up and its measurement: wrk stops mid-answer, "
+        "and the target finishes relaying what it cut off (1 MiB x 64 connections) first",
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=3,
@@ -89,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _apply_smoke(args: argparse.Namespace) -> None:
     if args.smoke:
-        args.duration, args.warmup, args.repeat = 1, 0, 1
+        args.duration, args.warmup, args.settle, args.repeat = 1, 0, 0, 1
         args.connections = args.connections or [1]
         args.store_connections = args.store_connections or [1]
         args.economy_seconds, args.economy_connections = 3, 4
