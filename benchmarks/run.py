@@ -222,7 +222,10 @@ def run(args: argparse.Namespace) -> Results:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.settle < 0 or args.warmup < 0 or args.duration <= 0:
+        parser.error("--settle and --warmup must be >= 0, --duration > 0")
     _apply_smoke(args)
     if args.smoke:
         os.environ.setdefault("PYTHONUNBUFFERED", "1")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -96,9 +97,12 @@ def serve(settings: Settings, *, host: str | None = None, port: int | None = Non
     # benchmarks/README.md). Here, not in the app: an embedding app decides for itself.
     gc.collect()
     gc.freeze()
-    # Freed body buffers stay in the heap for the next body (no page faults per request: 1 MiB
-    # answers at 64 connections 1.1-1.5x the req/s, see gateway/allocator.py).
-    keep_freed_memory()
+    # Freed body buffers stay in the heap for the next body (no page faults per request, see
+    # gateway/allocator.py).
+    if not keep_freed_memory():
+        logging.getLogger("gateway").info(
+            "heap allocator left as it is (set by the environment, or not glibc)"
+        )
     uvicorn.run(
         app,
         host=host or settings.server.host,

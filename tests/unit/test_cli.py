@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import pytest
+import uvicorn
 
+from gateway import cli, observability
 from gateway.cli import main
 
 GOOD = """
@@ -53,18 +56,17 @@ def test_check_online_reports_unreachable_idp(
 def test_run_freezes_startup_objects_and_keeps_freed_memory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import types
-
-    import uvicorn
-
-    from gateway import cli, observability
-
     calls: list[str] = []
     fake_gc = types.SimpleNamespace(
         collect=lambda: calls.append("collect"), freeze=lambda: calls.append("freeze")
     )
     monkeypatch.setattr(cli, "gc", fake_gc)
-    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append("keep") or True)
+
+    def keep_freed_memory() -> bool:
+        calls.append("keep")
+        return True
+
+    monkeypatch.setattr(cli, "keep_freed_memory", keep_freed_memory)
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(f"run:{kw['port']}"))
     monkeypatch.setattr(observability, "configure_logging", lambda settings: None)
     monkeypatch.setenv("GATEWAY_OIDC__CLIENT_SECRET", "s")
