@@ -62,10 +62,11 @@ class Bench:
                 prefix=self.plan.load_prefix(),
             )
             check_clean(warm, expect_body=size, label=label + " (warm-up)")
-            # wrk's end cuts answers off mid-body; the target relays their rest to nobody for
-            # a moment. Not inside the measurement (it cost the second of two back-to-back
-            # gateway cells 2-3x the p99 at 1 MiB / 64 connections).
-            time.sleep(self.args.settle)
+        # The end of the last wrk run (this warm-up, or the cell before) cut answers off
+        # mid-body; the target relays their rest to nobody for a moment. Not inside the
+        # measurement (it cost the second of two back-to-back gateway cells 2-3x the p99 at
+        # 1 MiB / 64 connections).
+        time.sleep(self.args.settle)
         meter = ForeignCpu()
         started_load = load1()
         cpu_before = sum(cpu_seconds(pid) for pid in pids)

@@ -47,8 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         "--settle",
         type=float,
         default=1,
-        help="idle seconds between a cell's warm-up and its measurement: wrk stops mid-answer, "
-        "and the target finishes relaying what it cut off (1 MiB x 64 connections) first",
+        help="idle seconds before each measurement (after the warm-up, if any): wrk stops "
+        "mid-answer, and the target finishes relaying what it cut off (1 MiB x 64) first",
     )
     parser.add_argument(
         "--repeat",

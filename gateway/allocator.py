@@ -25,7 +25,14 @@ TRIM_THRESHOLD = 32 * 1024 * 1024  # free memory kept at the top of a heap befor
 # mallopt parameters (glibc <malloc.h>)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-_OPERATOR_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+# The environment through which an operator chooses for the allocator: each variable, and what
+# in its value says so ("": any value).
+OPERATOR_CHOICES = {
+    "MALLOC_MMAP_THRESHOLD_": "",
+    "MALLOC_TRIM_THRESHOLD_": "",
+    "GLIBC_TUNABLES": "glibc.malloc.",
+    "LD_PRELOAD": "malloc",
+}
 
 
 def keep_freed_memory(
@@ -54,10 +61,10 @@ def keep_freed_memory(
 
 
 def _operator_chose() -> bool:
-    return (
-        any(os.environ.get(name) for name in _OPERATOR_SETTINGS)
-        or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
-        or "malloc" in os.environ.get("LD_PRELOAD", "")
+    return any(
+        marker in value
+        for name, marker in OPERATOR_CHOICES.items()
+        if (value := os.environ.get(name))
     )
 
 

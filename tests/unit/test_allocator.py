@@ -11,7 +11,6 @@ from gateway import allocator
 from gateway.allocator import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[2]
-_CHOICES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
 
 # Rounds of 64 buffers of 256 KiB (a socket read's size), written to and freed: with glibc's
 # defaults every round faults its 16 MiB in afresh; kept, only the first round does.
@@ -29,7 +28,7 @@ for _ in range(5):
 
 def _page_faults(mode: str, **env: str) -> tuple[str, list[int]]:
     """(what keep_freed_memory said, page faults of each round after the first)."""
-    clean = {k: v for k, v in os.environ.items() if k not in _CHOICES}
+    clean = {k: v for k, v in os.environ.items() if k not in allocator.OPERATOR_CHOICES}
     result = subprocess.run(
         [sys.executable, "-c", _ROUNDS, mode],
         cwd=ROOT,
@@ -75,7 +74,7 @@ def test_the_operators_allocator_settings_stand() -> None:
 def test_an_allocator_the_operator_chose_is_left_alone(
     name: str, value: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for other in _CHOICES:
+    for other in allocator.OPERATOR_CHOICES:
         monkeypatch.delenv(other, raising=False)
     monkeypatch.setenv(name, value)
     asked: list[str] = []
@@ -90,14 +89,14 @@ def test_an_allocator_the_operator_chose_is_left_alone(
 
 
 def test_unrelated_glibc_tunables_do_not_count(monkeypatch: pytest.MonkeyPatch) -> None:
-    for other in _CHOICES:
+    for other in allocator.OPERATOR_CHOICES:
         monkeypatch.delenv(other, raising=False)
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
     assert allocator._operator_chose() is False
 
 
 def test_other_c_libraries_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in _CHOICES:
+    for name in allocator.OPERATOR_CHOICES:
         monkeypatch.delenv(name, raising=False)
 
     def unknown_name(name: str) -> str:
