@@ -38,6 +38,7 @@ from .errors import (
 )
 from .forward_auth import ForwardAuthEndpoint
 from .metrics import GatewayMetrics
+from .observability import CONTEXT_KEY, RequestContext
 from .oidc import OIDCClient
 from .proxy import AiohttpUpstreamClient, UpstreamClient
 from .proxy_endpoint import ProxyEndpoint, ProxyFastPath
@@ -198,10 +199,23 @@ class GatewayApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         fast_path = self.fast_path
-        if fast_path is not None and fast_path.claims(scope):
-            await fast_path(scope, receive, send)
+        if fast_path is None or not fast_path.claims(scope):
+            await super().__call__(scope, receive, send)
             return
-        await super().__call__(scope, receive, send)
+        # The fast path's way in, written out here rather than in a coroutine of its own: every
+        # resumption of a proxied request passes one coroutine fewer (~3 k instructions per
+        # request, benchmarks/README.md).
+        started = time.perf_counter()
+        # No request id yet: handle takes it from its one pass over the headers (failed, for a
+        # request refused before that pass), and binds it to the log context.
+        context = scope[CONTEXT_KEY] = RequestContext("")
+        endpoint = fast_path.endpoint
+        try:
+            await endpoint.handle(scope, receive, send, context)
+        except Exception as exc:
+            await endpoint.failed(exc, scope, receive, send, context)
+        finally:
+            fast_path.finish(scope["method"], context, started)
 
 
 def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) -> Starlette:

@@ -66,6 +66,7 @@ _FORWARDED_PROTO = istr("x-forwarded-proto")
 _FORWARDED_HOST = istr("x-forwarded-host")
 _AUTHORIZATION = istr("authorization")
 _REQUEST_ID_NAME = istr("x-request-id")
+_COOKIE = istr("cookie")
 _NAMES: dict[bytes, str] = {}
 _NAMES_MAX = 512
 _NAME_KEPT_MAX = 64  # longer names (rare, and a client's to choose) are not kept
@@ -110,6 +111,85 @@ def strip_cookies(cookie_header: bytes, names: frozenset[bytes]) -> bytes:
     return b"; ".join(kept)
 
 
+class RequestHeaderPlan:
+    """One pass over a request's headers (this runs on every proxied request), for one policy:
+    which (lower-case) headers the caller wants the first value of, which cookies are the
+    gateway's, whether the route forwards the client's other cookies and whether the gateway's
+    request id replaces the client's.
+
+    What the policy decides for a header name is remembered per name as the client spelled it
+    (a browser sends the same few names on every request), so that a known name costs one dict
+    lookup instead of a case fold and three set lookups. The memory is bounded in number and
+    length of names (a client chooses them); a name beyond it is decided again each time.
+    """
+
+    __slots__ = ("_decisions", "_forward_cookies", "_gateway_cookies", "_remove", "_wanted")
+
+    def __init__(
+        self,
+        *,
+        wanted: frozenset[bytes],
+        gateway_cookies: frozenset[bytes],
+        forward_cookies: bool = False,
+        replace_request_id: bool = False,
+    ) -> None:
+        self._wanted = wanted
+        self._remove = _REQUEST_REMOVE_BY[(forward_cookies, replace_request_id)]
+        self._gateway_cookies = gateway_cookies
+        self._forward_cookies = forward_cookies
+        # raw name -> (name for the upstream: an ``istr``, "" to look at the value first, or
+        # None to drop; the lower-case name if wanted, else None)
+        self._decisions: dict[bytes, tuple[str | None, bytes | None]] = {}
+
+    def _decide(self, raw_name: bytes) -> tuple[str | None, bytes | None]:
+        name = raw_name.lower()
+        decision: tuple[str | None, bytes | None]
+        wanted = name if name in self._wanted else None
+        if name == b"connection" or (name == b"cookie" and self._forward_cookies):
+            decision = ("", wanted)  # the value decides (names it lists; the gateway's cookies)
+        elif name in self._remove:
+            decision = (None, wanted)
+        else:
+            decision = (_NAMES.get(name) or _new_upstream_name(name), wanted)
+        if len(self._decisions) < _NAMES_MAX and len(raw_name) <= _NAME_KEPT_MAX:
+            self._decisions[raw_name] = decision
+        return decision
+
+    def scan(self, headers: RawHeaders) -> tuple[int, dict[bytes, str], list[tuple[str, str]]]:
+        """Their total size, the first value of each wanted header, and the client's headers an
+        upstream may see (see module docstring), to which :func:`add_forwarding` adds ours.
+
+        Names a ``Connection`` header lists, rare in practice, are dropped afterwards.
+        """
+        decisions = self._decisions
+        size = 0
+        found: dict[bytes, str] = {}
+        out: list[tuple[str, str]] = []
+        listed: set[bytes] | None = None
+        for raw_name, raw_value in headers:
+            size += len(raw_name) + len(raw_value)
+            decision = decisions.get(raw_name)
+            if decision is None:
+                decision = self._decide(raw_name)
+            upstream_name, wanted = decision
+            if wanted and wanted not in found:
+                found[wanted] = raw_value.decode("latin-1")
+            if upstream_name:
+                out.append((upstream_name, raw_value.decode("latin-1")))
+            elif upstream_name is not None:  # Connection, or Cookie on a forward_cookies route
+                if raw_name.lower() == b"connection":
+                    if raw_value not in _PLAIN_CONNECTION:
+                        listed = _listed(raw_value, _REQUEST_REMOVE, listed)
+                else:  # all but the gateway's own
+                    raw_value = strip_cookies(raw_value, self._gateway_cookies)
+                    if raw_value:
+                        out.append((_COOKIE, raw_value.decode("latin-1")))
+        if listed:
+            dropped = {token.decode("latin-1") for token in listed}
+            out = [(name, value) for name, value in out if name not in dropped]
+        return size, found, out
+
+
 def scan_request_headers(
     headers: RawHeaders,
     *,
@@ -118,35 +198,13 @@ def scan_request_headers(
     forward_cookies: bool = False,
     replace_request_id: bool = False,
 ) -> tuple[int, dict[bytes, str], list[tuple[str, str]]]:
-    """One pass over a request's headers (this runs on every proxied request): their total
-    size, the first value of each ``wanted`` (lower-case) header, and the client's headers an
-    upstream may see (see module docstring), to which :func:`add_forwarding` adds ours.
-
-    Names a ``Connection`` header lists, rare in practice, are dropped afterwards.
-    """
-    remove = _REQUEST_REMOVE_BY[(forward_cookies, replace_request_id)]
-    size = 0
-    found: dict[bytes, str] = {}
-    out: list[tuple[str, str]] = []
-    listed: set[bytes] | None = None
-    for raw_name, raw_value in headers:
-        size += len(raw_name) + len(raw_value)
-        name = raw_name.lower()
-        if name in wanted and name not in found:
-            found[name] = raw_value.decode("latin-1")
-        if name in remove:
-            if name == b"connection" and raw_value not in _PLAIN_CONNECTION:
-                listed = _listed(raw_value, _REQUEST_REMOVE, listed)
-            continue
-        if name == b"cookie":  # forward_cookies: all but the gateway's own
-            raw_value = strip_cookies(raw_value, gateway_cookies)
-            if not raw_value:
-                continue
-        out.append((_NAMES.get(name) or _new_upstream_name(name), raw_value.decode("latin-1")))
-    if listed:
-        dropped = {token.decode("latin-1") for token in listed}
-        out = [(name, value) for name, value in out if name not in dropped]
-    return size, found, out
+    """:meth:`RequestHeaderPlan.scan` for a one-off policy (the proxy keeps its plans)."""
+    return RequestHeaderPlan(
+        wanted=wanted,
+        gateway_cookies=gateway_cookies,
+        forward_cookies=forward_cookies,
+        replace_request_id=replace_request_id,
+    ).scan(headers)
 
 
 Site = tuple[tuple[str, str], tuple[str, str]]

@@ -25,15 +25,14 @@ from .errors import (
     render_error,
 )
 from .headers import (
+    RequestHeaderPlan,
     add_forwarding,
     filter_response_headers,
     first_header,
     forwarded_site,
-    scan_request_headers,
 )
 from .metrics import UNMATCHED_ROUTE
 from .observability import (
-    CONTEXT_KEY,
     REQUEST_ID_HEADER,
     RequestContext,
     bind_request_id,
@@ -139,10 +138,14 @@ class ProxyFastPath:
     Starlette's error middleware, the gateway's two middlewares and its router each wrap or
     inspect every request; on the hot path that cost more than the proxy's own work
     (benchmarks/README.md). So a proxied request is taken before all of them, and what they
-    would have done is done here in one pass: the request id (kept from a valid
-    ``X-Request-ID``, else generated; sent upstream and back), the per-request metrics and
-    access line (:class:`~gateway.access_log.AccessLog`), the security headers on answers the
-    proxy renders itself, and a JSON 500 for an unexpected error.
+    would have done is done in one pass: the request id (kept from a valid ``X-Request-ID``,
+    else generated; sent upstream and back), the per-request metrics and access line
+    (:class:`~gateway.access_log.AccessLog`), the security headers on answers the proxy
+    renders itself, and a JSON 500 for an unexpected error.
+
+    ``GatewayApp.__call__`` runs it: when ``claims`` takes a request, it awaits
+    :meth:`ProxyEndpoint.handle` itself (no coroutine of this class in between) and calls
+    :meth:`finish` at the end.
 
     ``claims`` leaves to the router: a path that one of the gateway's own ``routes`` could
     match (its literal part, up to the first ``{``), a non-HTTP scope, and a mounted app
@@ -152,7 +155,7 @@ class ProxyFastPath:
     def __init__(
         self, endpoint: ProxyEndpoint, *, access: AccessLog, routes: Sequence[BaseRoute]
     ) -> None:
-        self._endpoint = endpoint
+        self.endpoint = endpoint
         self._access = access
         exact: set[str] = set()
         prefixes: list[str] = []
@@ -178,22 +181,15 @@ class ProxyFastPath:
         # (startswith with a tuple parses its arguments the slow way: not for an empty one)
         return path not in self._exact and not (self._prefixes and path.startswith(self._prefixes))
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        # No request id yet: handle takes it from its one pass over the headers (failed, for a
-        # request refused before that pass), and binds it to the log context.
-        context = scope[CONTEXT_KEY] = RequestContext("")
-        try:
-            await self._endpoint.handle(scope, receive, send, context)
-        except Exception as exc:
-            await self._endpoint.failed(exc, scope, receive, send, context)
-        finally:
-            if context.bound is not None:
-                current_request_id.reset(context.bound)
-            elif not context.request_id:  # cancelled before handle's header pass
-                context.request_id = new_request_id()
-            status = context.status if context.status is not None else CLIENT_CLOSED_REQUEST
-            self._access.record(scope["method"], context, status, time.perf_counter() - started)
+    def finish(self, method: str, context: RequestContext, started: float) -> None:
+        """After the answer (or the failure): the log context reset, the metrics and the access
+        line. ``started``: ``time.perf_counter()`` when the request came in."""
+        if context.bound is not None:
+            current_request_id.reset(context.bound)
+        elif not context.request_id:  # cancelled before handle's header pass
+            context.request_id = new_request_id()
+        status = context.status if context.status is not None else CLIENT_CLOSED_REQUEST
+        self._access.record(method, context, status, time.perf_counter() - started)
 
 
 class ProxyEndpoint:
@@ -205,8 +201,9 @@ class ProxyEndpoint:
         self._max_header_bytes = gateway.settings.limits.max_header_bytes
         self._max_body_bytes = gateway.settings.limits.max_body_bytes
         self._site = forwarded_site(gateway.public_scheme, gateway.public_host)
-        # The request headers the hot path reads, collected in one pass.
-        self._wanted = frozenset(
+        # The request headers the hot path reads, collected in one pass; one plan for the
+        # routes that forward the client's cookies, one for the others.
+        wanted = frozenset(
             {
                 b"cookie",
                 b"accept",
@@ -218,9 +215,18 @@ class ProxyEndpoint:
                 REQUEST_ID_HEADER,
             }
         )
+        self._header_plans = {
+            forward_cookies: RequestHeaderPlan(
+                wanted=wanted,
+                gateway_cookies=gateway.sessions.cookie_names_bytes,
+                forward_cookies=forward_cookies,
+                replace_request_id=True,
+            )
+            for forward_cookies in (False, True)
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Through the router (the fast path calls :meth:`serve`)."""
+        """Through the router (the fast path, in ``GatewayApp``, calls :meth:`handle`)."""
         if scope["type"] != "http":
             if scope["type"] == "websocket":
                 await self._gw.websockets(scope, receive, send)
@@ -304,13 +310,7 @@ class ProxyEndpoint:
         if route is None:
             raise NotFound("no route matches this path")
         context.route = route.name
-        size, found, headers = scan_request_headers(
-            scope["headers"],
-            wanted=self._wanted,
-            gateway_cookies=gw.sessions.cookie_names_bytes,
-            forward_cookies=route.forward_cookies,
-            replace_request_id=True,
-        )
+        size, found, headers = self._header_plans[route.forward_cookies].scan(scope["headers"])
         if not context.request_id:  # the fast path's request: the id from this same pass
             bind_request_id(context, found.get(REQUEST_ID_HEADER))
         method: str = scope["method"]
@@ -378,7 +378,10 @@ class ProxyEndpoint:
             chunk = b""
             if method != "HEAD":
                 try:
-                    chunk = await anext(upstream.body, b"")
+                    # (Not ``anext(body, b"")``: its wrapper object costs more than this.)
+                    chunk = await upstream.body.__anext__()
+                except StopAsyncIteration:
+                    pass  # an empty body
                 except GatewayError:
                     return  # logged where it happened; the client sees a truncated body
                 if chunk and not upstream.at_eof():

@@ -6,6 +6,7 @@ from multidict import istr
 
 from gateway import headers as headers_module
 from gateway.headers import (
+    RequestHeaderPlan,
     add_forwarding,
     build_upstream_headers,
     filter_response_headers,
@@ -137,3 +138,40 @@ def test_names_for_the_forwarder_are_kept_as_istr_bounded_in_number_and_length()
     finally:
         headers_module._NAMES.clear()
         headers_module._NAMES.update(saved)
+
+
+def test_a_plan_decides_each_name_once_as_spelled_and_answers_as_a_one_off_scan() -> None:
+    plan = RequestHeaderPlan(
+        wanted=WANTED,
+        gateway_cookies=GATEWAY_COOKIES,
+        forward_cookies=True,
+        replace_request_id=True,
+    )
+    one_off = scan_request_headers(
+        REQUEST,
+        wanted=WANTED,
+        gateway_cookies=GATEWAY_COOKIES,
+        forward_cookies=True,
+        replace_request_id=True,
+    )
+    assert plan.scan(REQUEST) == one_off
+    assert plan.scan(REQUEST) == one_off  # the second time from remembered decisions
+    # The value still decides for Connection and a forwarded Cookie, whatever was seen before.
+    _, _, kept = plan.scan([(b"cookie", b"gw_session=s"), (b"Connection", b"x-other")])
+    assert kept == []
+    _, _, kept = plan.scan([(b"cookie", b"a=1"), (b"x-other", b"v")])
+    assert kept == [("cookie", "a=1"), ("x-other", "v")]
+
+
+def test_a_plan_remembers_a_bounded_number_of_names() -> None:
+    plan = RequestHeaderPlan(wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
+    many = [(f"X-Custom-{i}".encode(), b"v") for i in range(2 * headers_module._NAMES_MAX)]
+    _, _, out = plan.scan(many)
+    assert [name for name, _ in out] == [f"x-custom-{i}" for i in range(len(many))]
+    _, _, again = plan.scan(many)
+    assert again == out
+    assert len(plan._decisions) == headers_module._NAMES_MAX
+    fresh = RequestHeaderPlan(wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
+    _, found, out = fresh.scan([(b"X-" + b"n" * 200, b"v"), (b"X-CSRF", b"1")])
+    assert found == {b"x-csrf": "1"} and len(out) == 2
+    assert list(fresh._decisions) == [b"X-CSRF"]  # a long name is decided, never kept

@@ -337,7 +337,7 @@ def test_request_body_limits_and_whether_there_is_a_body(
     method: str, found: dict[bytes, str], outcome: object
 ) -> None:
     app = create_app(LIMITED, upstream=RecordingUpstream())
-    endpoint = app.fast_path._endpoint  # type: ignore[attr-defined]
+    endpoint = app.fast_path.endpoint  # type: ignore[attr-defined]
     route = app.state.gateway.routes.match("/status/x")
 
     async def receive() -> dict[str, Any]:
@@ -353,3 +353,25 @@ def test_request_body_limits_and_whether_there_is_a_body(
         assert body.limit == 10
     with pytest.raises(HeadersTooLarge):
         endpoint._request_body(4096, found, method, route, receive)
+
+
+class EmptyUpstream(RecordingUpstream):
+    """Answers 204 with a body that ends before its first chunk."""
+
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        response = await super().send(*args, **kwargs)
+
+        async def nothing() -> Any:
+            return
+            yield b""  # an async generator that yields nothing
+
+        response.status, response.headers, response.body = 204, (), nothing()
+        return response
+
+
+async def test_an_answer_without_a_body_ends_with_one_empty_message() -> None:
+    app = create_app(make_settings(), upstream=EmptyUpstream())
+    async with _client(app) as client:
+        response = await client.get("/status/x")
+    assert response.status_code == 204
+    assert response.content == b""
