@@ -22,16 +22,16 @@ from .wrk import run_wrk
 # Stacks that py-spy caught only in part (common with coroutines) count where they show.
 _INCLUSIVE = (
     (
-        "ProxyFastPath (request id, metrics, access line)",
-        "ProxyFastPath.__call__",
-        "proxy_endpoint.py",
+        "GatewayApp.__call__ (fast path: request id, metrics, access line)",
+        "GatewayApp.__call__",
+        "gateway/app.py",
     ),
     ("ProxyEndpoint.handle (the proxy's work)", "ProxyEndpoint.handle", "proxy_endpoint.py"),
     ("SessionManager.current (cookie -> session)", "SessionManager.current", "manager.py"),
     ("TokenBroker.cached_token (cached token)", "TokenBroker.cached_token", "tokens.py"),
     ("TokenBroker.access_token (token due or missing)", "TokenBroker.access_token", "tokens.py"),
     ("check_csrf", "check_csrf", "gateway/security.py"),
-    ("scan_request_headers", "scan_request_headers", "gateway/headers.py"),
+    ("RequestHeaderPlan.scan (request headers)", "RequestHeaderPlan.scan", "gateway/headers.py"),
     ("add_forwarding", "add_forwarding", "gateway/headers.py"),
     ("filter_response_headers", "filter_response_headers", "gateway/headers.py"),
     ("AiohttpUpstreamClient.send (aiohttp request)", "AiohttpUpstreamClient.send", "proxy.py"),
