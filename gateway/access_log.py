@@ -35,7 +35,8 @@ class AccessLog:
     """Per-request metrics and the access line, once a request is answered.
 
     Shared by :class:`AccessLogMiddleware` (the gateway's own paths) and the proxy's fast path
-    (``proxy_endpoint.ProxyFastPath``), which records its requests without a middleware."""
+    (``GatewayApp.__call__`` with ``proxy_endpoint.ProxyFastPath.finish``), which records its
+    requests without a middleware."""
 
     def __init__(
         self, *, metrics: GatewayMetrics, settings: LogSettings, user_key: bytes = b""

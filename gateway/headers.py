@@ -67,6 +67,9 @@ _FORWARDED_HOST = istr("x-forwarded-host")
 _AUTHORIZATION = istr("authorization")
 _REQUEST_ID_NAME = istr("x-request-id")
 _COOKIE = istr("cookie")
+# A plan's decision for Connection and a forwarded Cookie: the only falsy name it keeps (an
+# empty name is dropped), so that the common case is one truth test.
+_INSPECT = ""
 _NAMES: dict[bytes, str] = {}
 _NAMES_MAX = 512
 _NAME_KEPT_MAX = 64  # longer names (rare, and a client's to choose) are not kept
@@ -142,12 +145,14 @@ class RequestHeaderPlan:
         self._decisions: dict[bytes, tuple[str | None, bytes | None]] = {}
 
     def _decide(self, raw_name: bytes) -> tuple[str | None, bytes | None]:
+        """The decision for one name. Its first part is None (drop), ``_INSPECT`` (Connection,
+        and Cookie on a forward_cookies route: the value decides) or a non-empty ``istr``."""
         name = raw_name.lower()
         decision: tuple[str | None, bytes | None]
         wanted = name if name in self._wanted else None
         if name == b"connection" or (name == b"cookie" and self._forward_cookies):
-            decision = ("", wanted)  # the value decides (names it lists; the gateway's cookies)
-        elif name in self._remove:
+            decision = (_INSPECT, wanted)
+        elif not name or name in self._remove:  # (an empty name is no HTTP field name)
             decision = (None, wanted)
         else:
             decision = (_NAMES.get(name) or _new_upstream_name(name), wanted)
@@ -176,7 +181,7 @@ class RequestHeaderPlan:
                 found[wanted] = raw_value.decode("latin-1")
             if upstream_name:
                 out.append((upstream_name, raw_value.decode("latin-1")))
-            elif upstream_name is not None:  # Connection, or Cookie on a forward_cookies route
+            elif upstream_name is _INSPECT:  # Connection, or Cookie on a forward_cookies route
                 if raw_name.lower() == b"connection":
                     if raw_value not in _PLAIN_CONNECTION:
                         listed = _listed(raw_value, _REQUEST_REMOVE, listed)

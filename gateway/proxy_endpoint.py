@@ -236,7 +236,8 @@ class ProxyEndpoint:
     async def serve(
         self, scope: Scope, receive: Receive, send: Send, context: RequestContext
     ) -> None:
-        """Proxy one HTTP request; the status sent ends up in ``context.status``."""
+        """Proxy one HTTP request; the status sent ends up in ``context.status``. (The fast
+        path, ``GatewayApp.__call__``, writes the same two steps out itself.)"""
         try:
             await self.handle(scope, receive, send, context)
         except Exception as exc:
@@ -378,7 +379,7 @@ class ProxyEndpoint:
             chunk = b""
             if method != "HEAD":
                 try:
-                    # (Not ``anext(body, b"")``: its wrapper object costs more than this.)
+                    # (Not ``anext(body, b"")``: its wrapper object costs more than the call.)
                     chunk = await upstream.body.__anext__()
                 except StopAsyncIteration:
                     pass  # an empty body
@@ -399,17 +400,17 @@ class ProxyEndpoint:
         It registers with the connections registry while it is relayed (an event stream above
         all), so that the end of its session (logout, back-channel logout) cuts it short.
         """
-        body = upstream.body
+        next_chunk = upstream.body.__anext__  # as in handle: no anext() wrapper per chunk
         with self._gw.connections.stream(session_id) as stream:
             try:
                 while not stream.ended:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    chunk = await anext(body, b"")
-                    if not chunk:
-                        break
+                    chunk = await next_chunk()
                     if upstream.at_eof() and not stream.ended:
                         await send({"type": "http.response.body", "body": chunk})
                         return
+            except StopAsyncIteration:
+                pass
             except GatewayError:
                 return
         if stream.ended and not _is_event_stream(upstream.headers):

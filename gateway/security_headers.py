@@ -48,9 +48,9 @@ def mark_relayed() -> None:
 def own_answer_headers(*, https: bool) -> tuple[tuple[bytes, bytes], ...]:
     """The headers for a JSON error or a redirect the proxy renders itself on a proxied path.
 
-    The proxy's fast path runs outside this middleware (``proxy_endpoint.ProxyFastPath``), so
-    it adds them to its own answers; through the middleware they are already present and not
-    added twice."""
+    The proxy's fast path (``GatewayApp.__call__``, see ``proxy_endpoint.ProxyFastPath``) runs
+    outside this middleware, so the proxy adds them to its own answers; through the middleware
+    they are already present and not added twice."""
     return _ALWAYS + (_CSP,) + ((_HSTS,) if https else ())
 
 

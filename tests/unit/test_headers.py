@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
 from multidict import istr
 
 from gateway import headers as headers_module
@@ -16,6 +20,7 @@ from gateway.headers import (
 
 WANTED = frozenset({b"cookie", b"content-length", b"x-csrf"})
 GATEWAY_COOKIES = frozenset({b"gw_session"})
+Scanned = tuple[int, dict[bytes, str], list[tuple[str, str]]]
 REQUEST = [
     (b"host", b"app.example.com"),
     (b"X-CSRF", b"1"),
@@ -30,20 +35,42 @@ REQUEST = [
 ]
 
 
-def test_one_pass_finds_wanted_values_size_and_what_an_upstream_may_see() -> None:
-    size, found, kept = scan_request_headers(
-        REQUEST, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES, replace_request_id=True
-    )
+@pytest.fixture(params=["fresh plan", "warm plan"])
+def scan(request: pytest.FixtureRequest) -> Callable[..., Scanned]:
+    """``RequestHeaderPlan(**policy).scan(headers)``, with a plan that has seen nothing yet or
+    one that scanned the same headers before (its decisions remembered)."""
+
+    def scan(headers: list[tuple[bytes, bytes]], **policy: Any) -> Scanned:
+        plan = RequestHeaderPlan(wanted=WANTED, gateway_cookies=GATEWAY_COOKIES, **policy)
+        if request.param == "warm plan":
+            plan.scan(headers)
+        return plan.scan(headers)
+
+    return scan
+
+
+@pytest.fixture
+def kept_names() -> Iterator[None]:
+    """The module's kept upstream names, emptied for a test and put back after it."""
+    saved = dict(headers_module._NAMES)
+    headers_module._NAMES.clear()
+    yield
+    headers_module._NAMES.clear()
+    headers_module._NAMES.update(saved)
+
+
+def test_one_pass_finds_wanted_values_size_and_what_an_upstream_may_see(
+    scan: Callable[..., Scanned],
+) -> None:
+    size, found, kept = scan(REQUEST, replace_request_id=True)
     assert size == sum(len(k) + len(v) for k, v in REQUEST)
     # The first value of each wanted header; names compared lower-cased, as for stripping.
     assert found == {b"x-csrf": "1", b"cookie": "gw_session=secret; theme=dark"}
     assert kept == [("x-csrf", "1"), ("x-csrf", "2"), ("accept", "application/json")]
 
 
-def test_forward_cookies_keeps_all_but_the_gateways_own() -> None:
-    _, found, kept = scan_request_headers(
-        REQUEST, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES, forward_cookies=True
-    )
+def test_forward_cookies_keeps_all_but_the_gateways_own(scan: Callable[..., Scanned]) -> None:
+    _, found, kept = scan(REQUEST, forward_cookies=True)
     assert found[b"cookie"] == "gw_session=secret; theme=dark"  # the session lookup sees it
     assert ("cookie", "theme=dark") in kept
     assert ("x-request-id", "client-id") in kept  # not replaced unless asked
@@ -71,18 +98,14 @@ def test_upstream_headers_are_the_clients_allowed_ones_then_the_gateways_own() -
     ]
 
 
-def test_a_connection_header_cannot_drop_the_gateways_own_headers_or_hide_the_cookie() -> None:
+def test_a_connection_header_cannot_drop_the_gateways_own_headers_or_hide_the_cookie(
+    scan: Callable[..., Scanned],
+) -> None:
     hostile = [
         (b"connection", b"x-request-id, authorization, cookie, x-forwarded-for"),
         (b"cookie", b"gw_session=secret; theme=dark"),
     ]
-    _, found, kept = scan_request_headers(
-        hostile,
-        wanted=WANTED,
-        gateway_cookies=GATEWAY_COOKIES,
-        forward_cookies=True,
-        replace_request_id=True,
-    )
+    _, found, kept = scan(hostile, forward_cookies=True, replace_request_id=True)
     assert found[b"cookie"] == "gw_session=secret; theme=dark"  # the session is still found
     assert kept == []  # the listed cookie header is hop-by-hop: not forwarded
     out = add_forwarding(
@@ -118,58 +141,54 @@ def test_answers_lose_hop_by_hop_headers_our_cookies_and_the_upstreams_date() ->
     ]
 
 
+@pytest.mark.usefixtures("kept_names")
 def test_names_for_the_forwarder_are_kept_as_istr_bounded_in_number_and_length() -> None:
-    saved = dict(headers_module._NAMES)
+    many = [(f"x-custom-{i}".encode(), b"v") for i in range(2 * headers_module._NAMES_MAX)]
+    _, _, out = scan_request_headers(many, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
+    assert [name for name, _ in out] == [f"x-custom-{i}" for i in range(len(many))]
+    assert all(isinstance(name, istr) for name, _ in out)  # no case folding in aiohttp
+    assert len(headers_module._NAMES) == headers_module._NAMES_MAX
+    _, _, again = scan_request_headers(many, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
+    assert again == out and again[0][0] is out[0][0]  # the kept object, not a new one
     headers_module._NAMES.clear()
-    try:
-        many = [(f"x-custom-{i}".encode(), b"v") for i in range(2 * headers_module._NAMES_MAX)]
-        _, _, out = scan_request_headers(many, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
-        assert [name for name, _ in out] == [f"x-custom-{i}" for i in range(len(many))]
-        assert all(isinstance(name, istr) for name, _ in out)  # no case folding in aiohttp
-        assert len(headers_module._NAMES) == headers_module._NAMES_MAX
-        _, _, again = scan_request_headers(many, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
-        assert again == out and again[0][0] is out[0][0]  # the kept object, not a new one
-        headers_module._NAMES.clear()
-        long_name = b"x-" + b"n" * 200  # a long name is forwarded but never kept
-        _, _, out = scan_request_headers(
-            [(long_name, b"v")], wanted=WANTED, gateway_cookies=GATEWAY_COOKIES
-        )
-        assert out == [(long_name.decode(), "v")] and headers_module._NAMES == {}
-    finally:
-        headers_module._NAMES.clear()
-        headers_module._NAMES.update(saved)
+    long_name = b"x-" + b"n" * 200  # a long name is forwarded but never kept
+    _, _, out = scan_request_headers(
+        [(long_name, b"v")], wanted=WANTED, gateway_cookies=GATEWAY_COOKIES
+    )
+    assert out == [(long_name.decode(), "v")] and headers_module._NAMES == {}
 
 
-def test_a_plan_decides_each_name_once_as_spelled_and_answers_as_a_one_off_scan() -> None:
+def test_a_plan_still_looks_at_connection_and_forwarded_cookie_values_once_names_are_known() -> (
+    None
+):
     plan = RequestHeaderPlan(
         wanted=WANTED,
         gateway_cookies=GATEWAY_COOKIES,
         forward_cookies=True,
         replace_request_id=True,
     )
-    one_off = scan_request_headers(
-        REQUEST,
-        wanted=WANTED,
-        gateway_cookies=GATEWAY_COOKIES,
-        forward_cookies=True,
-        replace_request_id=True,
-    )
-    assert plan.scan(REQUEST) == one_off
-    assert plan.scan(REQUEST) == one_off  # the second time from remembered decisions
-    # The value still decides for Connection and a forwarded Cookie, whatever was seen before.
-    _, _, kept = plan.scan([(b"cookie", b"gw_session=s"), (b"Connection", b"x-other")])
+    plan.scan(REQUEST)  # every name below is known to the plan from here on
+    _, _, kept = plan.scan([(b"cookie", b"gw_session=s"), (b"connection", b"x-other")])
     assert kept == []
-    _, _, kept = plan.scan([(b"cookie", b"a=1"), (b"x-other", b"v")])
+    _, _, kept = plan.scan([(b"cookie", b"a=1; gw_session=s"), (b"x-other", b"v")])
     assert kept == [("cookie", "a=1"), ("x-other", "v")]
 
 
-def test_a_plan_remembers_a_bounded_number_of_names() -> None:
+def test_a_header_without_a_name_goes_nowhere(scan: Callable[..., Scanned]) -> None:
+    for forward_cookies in (False, True):
+        _, found, kept = scan(
+            [(b"", b"theme=dark"), (b"accept", b"*/*")], forward_cookies=forward_cookies
+        )
+        assert kept == [("accept", "*/*")] and found == {}
+
+
+@pytest.mark.usefixtures("kept_names")
+def test_a_plan_remembers_a_bounded_number_of_names_as_spelled() -> None:
     plan = RequestHeaderPlan(wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
     many = [(f"X-Custom-{i}".encode(), b"v") for i in range(2 * headers_module._NAMES_MAX)]
     _, _, out = plan.scan(many)
     assert [name for name, _ in out] == [f"x-custom-{i}" for i in range(len(many))]
-    _, _, again = plan.scan(many)
-    assert again == out
+    assert plan.scan(many)[2] == out
     assert len(plan._decisions) == headers_module._NAMES_MAX
     fresh = RequestHeaderPlan(wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
     _, found, out = fresh.scan([(b"X-" + b"n" * 200, b"v"), (b"X-CSRF", b"1")])

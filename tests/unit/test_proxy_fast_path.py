@@ -8,6 +8,7 @@ answers only, a JSON 500 for an unexpected error, and the gateway's own paths st
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -371,7 +372,80 @@ class EmptyUpstream(RecordingUpstream):
 
 async def test_an_answer_without_a_body_ends_with_one_empty_message() -> None:
     app = create_app(make_settings(), upstream=EmptyUpstream())
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/status/x",
+        "headers": [],
+        "query_string": b"",
+    }
+    await app(scope, receive, send)
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[0]["status"] == 204
+    assert sent[1]["body"] == b"" and not sent[1].get("more_body", False)
+
+
+async def test_each_route_forwards_cookies_by_its_own_setting_whatever_came_before() -> None:
+    settings = make_settings(
+        routes=[
+            {"prefix": "/status/", "upstream": "http://127.0.0.1:9/", "auth": "none"},
+            {
+                "prefix": "/open/",
+                "upstream": "http://127.0.0.1:9/",
+                "auth": "none",
+                "forward_cookies": True,
+            },
+        ]
+    )
+    upstream = RecordingUpstream()
+    app = create_app(settings, upstream=upstream)
+    own = app.state.gateway.sessions.cookie_name
+    cookie = {"Cookie": f"{own}=secret; theme=dark"}
     async with _client(app) as client:
-        response = await client.get("/status/x")
-    assert response.status_code == 204
-    assert response.content == b""
+        for path in ("/open/x", "/status/x", "/open/x", "/status/x"):
+            assert (await client.get(path, headers=cookie)).status_code == 200
+    sent_cookies = [[v for k, v in headers if k == "cookie"] for _url, headers in upstream.calls]
+    assert sent_cookies == [["theme=dark"], [], ["theme=dark"], []]
+
+
+class StalledUpstream(RecordingUpstream):
+    async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
+        await asyncio.Event().wait()  # never answers: the request is cancelled meanwhile
+        raise AssertionError("unreachable")
+
+
+async def test_a_request_cancelled_before_any_answer_is_counted_and_logged_as_499(
+    access_log: pytest.LogCaptureFixture,
+) -> None:
+    app = create_app(make_settings(), upstream=StalledUpstream())
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        raise AssertionError("nothing may be sent")
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/status/x",
+        "headers": [],
+        "query_string": b"",
+    }
+    request = asyncio.ensure_future(app(scope, receive, send))
+    await asyncio.sleep(0.01)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    [line] = [r for r in access_log.records if r.name == "gateway.access"]
+    assert line.status == 499  # type: ignore[attr-defined]
+    assert re.fullmatch(r"[0-9a-f]{32}", line.request_id)  # type: ignore[attr-defined]
+    assert _metric(app, "gateway_requests_total", route="status", status="499") == 1
