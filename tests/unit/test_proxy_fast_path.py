@@ -372,22 +372,7 @@ class EmptyUpstream(RecordingUpstream):
 
 async def test_an_answer_without_a_body_ends_with_one_empty_message() -> None:
     app = create_app(make_settings(), upstream=EmptyUpstream())
-    sent: list[dict[str, Any]] = []
-
-    async def receive() -> dict[str, Any]:
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http",
-        "method": "GET",
-        "path": "/status/x",
-        "headers": [],
-        "query_string": b"",
-    }
-    await app(scope, receive, send)
+    sent = await _raw_request(app, "GET", "/status/x")
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     assert sent[0]["status"] == 204
     assert sent[1]["body"] == b"" and not sent[1].get("more_body", False)
