@@ -67,9 +67,10 @@ _FORWARDED_HOST = istr("x-forwarded-host")
 _AUTHORIZATION = istr("authorization")
 _REQUEST_ID_NAME = istr("x-request-id")
 _COOKIE = istr("cookie")
-# A plan's decision for Connection and a forwarded Cookie: the only falsy name it keeps (an
-# empty name is dropped), so that the common case is one truth test.
-_INSPECT = ""
+# A plan's decisions for the two names whose value decides: the only falsy names it keeps (an
+# empty name is dropped), so that the common case is one truth test, told apart by identity.
+_CONNECTION = ""  # dropped; the names it lists are dropped too
+_FORWARDED_COOKIE = istr("")  # all but the gateway's own cookies go on
 _NAMES: dict[bytes, str] = {}
 _NAMES_MAX = 512
 _NAME_KEPT_MAX = 64  # longer names (rare, and a client's to choose) are not kept
@@ -140,18 +141,20 @@ class RequestHeaderPlan:
         self._remove = _REQUEST_REMOVE_BY[(forward_cookies, replace_request_id)]
         self._gateway_cookies = gateway_cookies
         self._forward_cookies = forward_cookies
-        # raw name -> (name for the upstream: an ``istr``, "" to look at the value first, or
-        # None to drop; the lower-case name if wanted, else None)
+        # raw name -> (name for the upstream: an ``istr``, a falsy marker whose value decides,
+        # or None to drop; the lower-case name if wanted, else None)
         self._decisions: dict[bytes, tuple[str | None, bytes | None]] = {}
 
     def _decide(self, raw_name: bytes) -> tuple[str | None, bytes | None]:
-        """The decision for one name. Its first part is None (drop), ``_INSPECT`` (Connection,
-        and Cookie on a forward_cookies route: the value decides) or a non-empty ``istr``."""
+        """The decision for one name. Its first part is None (drop), ``_CONNECTION`` or
+        ``_FORWARDED_COOKIE`` (the value decides) or a non-empty ``istr``."""
         name = raw_name.lower()
         decision: tuple[str | None, bytes | None]
         wanted = name if name in self._wanted else None
-        if name == b"connection" or (name == b"cookie" and self._forward_cookies):
-            decision = (_INSPECT, wanted)
+        if name == b"connection":
+            decision = (_CONNECTION, wanted)
+        elif name == b"cookie" and self._forward_cookies:
+            decision = (_FORWARDED_COOKIE, wanted)
         elif not name or name in self._remove:  # (an empty name is no HTTP field name)
             decision = (None, wanted)
         else:
@@ -181,14 +184,13 @@ class RequestHeaderPlan:
                 found[wanted] = raw_value.decode("latin-1")
             if upstream_name:
                 out.append((upstream_name, raw_value.decode("latin-1")))
-            elif upstream_name is _INSPECT:  # Connection, or Cookie on a forward_cookies route
-                if raw_name.lower() == b"connection":
-                    if raw_value not in _PLAIN_CONNECTION:
-                        listed = _listed(raw_value, _REQUEST_REMOVE, listed)
-                else:  # all but the gateway's own
-                    raw_value = strip_cookies(raw_value, self._gateway_cookies)
-                    if raw_value:
-                        out.append((_COOKIE, raw_value.decode("latin-1")))
+            elif upstream_name is _CONNECTION:
+                if raw_value not in _PLAIN_CONNECTION:
+                    listed = _listed(raw_value, _REQUEST_REMOVE, listed)
+            elif upstream_name is _FORWARDED_COOKIE:
+                raw_value = strip_cookies(raw_value, self._gateway_cookies)
+                if raw_value:
+                    out.append((_COOKIE, raw_value.decode("latin-1")))
         if listed:
             dropped = {token.decode("latin-1") for token in listed}
             out = [(name, value) for name, value in out if name not in dropped]

@@ -201,28 +201,25 @@ class ProxyEndpoint:
         self._max_header_bytes = gateway.settings.limits.max_header_bytes
         self._max_body_bytes = gateway.settings.limits.max_body_bytes
         self._site = forwarded_site(gateway.public_scheme, gateway.public_host)
-        # The request headers the hot path reads, collected in one pass; one plan for the
-        # routes that forward the client's cookies, one for the others.
-        wanted = frozenset(
-            {
-                b"cookie",
-                b"accept",
-                b"content-length",
-                b"transfer-encoding",
-                b"origin",
-                b"sec-fetch-site",
-                gateway.csrf_header,
-                REQUEST_ID_HEADER,
-            }
-        )
-        self._header_plans = {
-            forward_cookies: RequestHeaderPlan(
-                wanted=wanted,
+        # The request headers the hot path reads, collected in one pass. A route without a
+        # token reads only the body's framing and the request id; a token route also the
+        # session cookie, Accept (login redirect) and the anti-CSRF signals. One plan per kind
+        # of route (token or not, forwarding cookies or not), found by the route's name.
+        common = {b"content-length", b"transfer-encoding", REQUEST_ID_HEADER}
+        for_token = {b"cookie", b"accept", b"origin", b"sec-fetch-site", gateway.csrf_header}
+        plans = {
+            (needs_token, forward_cookies): RequestHeaderPlan(
+                wanted=frozenset(common | for_token if needs_token else common),
                 gateway_cookies=gateway.sessions.cookie_names_bytes,
                 forward_cookies=forward_cookies,
                 replace_request_id=True,
             )
+            for needs_token in (False, True)
             for forward_cookies in (False, True)
+        }
+        self._header_plans = {
+            route.name: plans[(route.needs_token, route.forward_cookies)]
+            for route in gateway.routes
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -311,7 +308,7 @@ class ProxyEndpoint:
         if route is None:
             raise NotFound("no route matches this path")
         context.route = route.name
-        size, found, headers = self._header_plans[route.forward_cookies].scan(scope["headers"])
+        size, found, headers = self._header_plans[route.name].scan(scope["headers"])
         if not context.request_id:  # the fast path's request: the id from this same pass
             bind_request_id(context, found.get(REQUEST_ID_HEADER))
         method: str = scope["method"]
