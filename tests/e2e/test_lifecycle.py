@@ -74,7 +74,12 @@ def process_config(idp: IdpProcess, slow_url: str, grace: str) -> dict[str, Any]
 
 
 async def _refused_soon(base_url: str, timeout: float = 1.0) -> bool:
-    """True once a new connection is refused (the listener closed), within ``timeout``."""
+    """True once a new connection is refused (the listener closed), within ``timeout``.
+
+    A probe that connected in the instant before the listener closed is dropped unanswered
+    (the kernel had already queued it, uvicorn then closes it): that is a read error, not yet
+    a refusal, so the probe tries again.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -82,6 +87,8 @@ async def _refused_soon(base_url: str, timeout: float = 1.0) -> bool:
                 await probe.get(base_url + "/healthz")
         except httpx.ConnectError:
             return True
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            pass  # accepted just before the close, then dropped unanswered
         await asyncio.sleep(0.02)
     return False
 
