@@ -87,7 +87,8 @@ class Bench:
             self.results.rows.append(row)
         print(
             f"  {label:<62} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
-            f"p99 {result.p99_ms:7.2f} ms  cpu {cpu_us or 0:5.0f} us/req  "
+            f"p99 {result.p99_ms:7.2f} ms (wrk {result.p99_wrk_ms or 0:7.2f})  "
+            f"cpu {cpu_us or 0:5.0f} us/req  "
             f"load1 {started_load:.2f}  foreign {foreign:3.0f}%",
             flush=True,
         )

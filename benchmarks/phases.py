@@ -97,7 +97,11 @@ def proxy_grid(bench: Bench, section: str, targets: Targets, pid: int | None) ->
                     if target != BARE and BARE in runs:
                         key = paired_key(section, target, BARE, body, connections)
                         bench.results.paired[key] = [
-                            (row.load.rps / base.load.rps, row.load.p99_ms / base.load.p99_ms)
+                            (
+                                row.load.rps / base.load.rps,
+                                row.load.p99_ms / base.load.p99_ms,
+                                (row.load.p99_wrk_ms or 0) / (base.load.p99_wrk_ms or 1),
+                            )
                             for row, base in zip(runs[target], runs[BARE], strict=True)
                         ]
     finally:

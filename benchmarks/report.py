@@ -45,10 +45,10 @@ class Results:
     rows: list[Row] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    # paired_key(...) -> per round (req/s ratio, p99 ratio) of a target to a baseline measured
-    # in the same round (--repeat): cells at most a round apart, so that the machine's drift
-    # between rounds cancels out of each ratio.
-    paired: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    # paired_key(...) -> per round (req/s ratio, p99 ratio[, ratio of wrk's corrected p99s])
+    # of a target to a baseline measured in the same round (--repeat): cells at most a round
+    # apart, so that the machine's drift between rounds cancels out of each ratio.
+    paired: dict[str, list[tuple[float, ...]]] = field(default_factory=dict)
 
     def find(self, section: str, target: str, body: str, connections: int) -> Row | None:
         for row in self.rows:
@@ -92,6 +92,20 @@ def ratios(
     return row.load.rps / baseline.load.rps, row.load.p99_ms / baseline.load.p99_ms, 1
 
 
+def wrk_p99_ratio(
+    results: Results, section: str, target: str, base: str, body: str, conns: int
+) -> float | None:
+    """The same as :func:`ratios`' p99 ratio, of wrk's corrected p99s (None where not kept)."""
+    pairs = results.paired.get(paired_key(section, target, base, body, conns))
+    if pairs and all(len(p) > 2 for p in pairs):
+        return statistics.median(p[2] for p in pairs)
+    row = results.find(section, target, body, conns)
+    baseline = results.find(section, base, body, conns)
+    if row is None or baseline is None or not row.load.p99_wrk_ms or not baseline.load.p99_wrk_ms:
+        return None
+    return row.load.p99_wrk_ms / baseline.load.p99_wrk_ms
+
+
 def _num(value: float) -> str:
     return f"{value:,.0f}"
 
@@ -102,8 +116,8 @@ def _ms(value: float) -> str:
 
 def table(results: Results, section: str, *, ratio_to: str | None = None) -> str:
     """One row per (target, body, connections) of a section; ratios to ``ratio_to``."""
-    head = "| target | body | conns | req/s | p50 ms | p99 ms |"
-    rule = "|---|---|---:|---:|---:|---:|"
+    head = "| target | body | conns | req/s | p50 ms | p99 ms | wrk p99 ms |"
+    rule = "|---|---|---:|---:|---:|---:|---:|"
     if ratio_to:
         head += " req/s vs bare | p99 vs bare |"
         rule += "---:|---:|"
@@ -118,6 +132,7 @@ def table(results: Results, section: str, *, ratio_to: str | None = None) -> str
             _num(row.load.rps),
             _ms(row.load.p50_ms),
             _ms(row.load.p99_ms),
+            _ms(row.load.p99_wrk_ms) if row.load.p99_wrk_ms is not None else "",
         ]
         if ratio_to:
             found = ratios(results, section, row.target, ratio_to, row.body, row.connections)
@@ -150,9 +165,11 @@ def target_checks(results: Results, section: str) -> tuple[str, bool]:
                 f"| {target} / bare, req/s, {body} | {conns} | {ratio:.2f} | >= {minimum} | "
                 f"{'yes' if ok_rps else '**no**'} |"
             )
+            wrk_p99 = wrk_p99_ratio(results, section, target, base_name, body, conns)
+            beside = f" (wrk's: {wrk_p99:.2f}x)" if wrk_p99 is not None else ""
             lines.append(
-                f"| {target} / bare, p99, {body} | {conns} | {p99:.2f}x | <= {P99_FACTOR}x | "
-                f"{'yes' if ok_p99 else '**no**'} |"
+                f"| {target} / bare, p99, {body} | {conns} | {p99:.2f}x{beside} | "
+                f"<= {P99_FACTOR}x | {'yes' if ok_p99 else '**no**'} |"
             )
     return "\n".join(lines), all_ok
 
@@ -175,6 +192,10 @@ def render(results: Results, sections: list[tuple[str, str, str | None]]) -> str
         "- `load1`: 1-minute load average as the cell started (the benchmark's own processes "
         "count in it); `foreign CPU`: CPU used meanwhile by processes outside the benchmark, "
         "in % of one core.",
+        "- p50 / p99: of the answers measured, one per request; `wrk p99`: wrk's own figure, "
+        "which adds for every slow answer the requests a client sending at the run's mean "
+        "pace would have queued behind it (coordinated-omission correction; "
+        "benchmarks/wrk.py).",
         "",
     ]
     for section, title, ratio_to in sections:

@@ -48,3 +48,20 @@ def test_ratios_fall_back_to_the_recorded_rows() -> None:
     checks, ok = target_checks(results, "proxy")
     assert "| 64 | 0.80 | >= 0.9 | **no** |" in checks and not ok
     assert ratios(results, "proxy", NONE, BARE, "1 MiB", 64) is None
+
+
+def test_wrk_corrected_p99_ratio_is_shown_beside_the_per_request_one() -> None:
+    results = _results()
+    results.rows += [_row(BARE, 1000, 10.0), _row(NONE, 950, 11.0)]
+    results.paired[paired_key("proxy", NONE, BARE, "small JSON", 16)] = [
+        (0.95, 1.1, 2.5),
+        (0.96, 1.0, 3.0),
+        (0.94, 1.2, 1.0),
+    ]
+    checks, ok = target_checks(results, "proxy")
+    assert "| 1.10x (wrk's: 2.50x) | <= 1.3x | yes |" in checks
+    assert ok
+    # Pairs of an older run (two ratios) still read.
+    results.paired[paired_key("proxy", NONE, BARE, "small JSON", 16)] = [(0.95, 1.1)]
+    checks, _ = target_checks(results, "proxy")
+    assert "| 1.10x | <= 1.3x | yes |" in checks
