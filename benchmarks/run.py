@@ -128,6 +128,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def _congestion_control() -> str:
+    """The kernel's TCP congestion control: on loopback BBR stalls some large answers for
+    20-110 ms after heavy load, where cubic does not (benchmarks/README.md, "1 MiB p99")."""
+    try:
+        name = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        return "TCP congestion control unknown"
+    return f"TCP congestion control {name}"
+
+
 def _wait_for_quiet(args: argparse.Namespace) -> None:
     deadline = time.monotonic() + args.quiet_wait
     while args.quiet_below and load1() >= args.quiet_below and time.monotonic() < deadline:
@@ -140,7 +150,7 @@ def run(args: argparse.Namespace) -> Results:
     plan = CpuPlan.detect()
     results = Results(
         command="benchmarks/run " + shlex.join(sys.argv[1:]),
-        machine=f"{_cpu_model()}, {plan.describe()}",
+        machine=f"{_cpu_model()}, {plan.describe()}, {_congestion_control()}",
         started=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         load1_before=load1(),
         versions=_versions(),
