@@ -16,7 +16,7 @@ from tests.e2e.servers import API, BILLING, free_port, start_idp
 from . import stack
 from .bench import LARGE, SMALL, Bench, check_route, login, session_headers
 from .machine import RssSampler, mib, rss_bytes
-from .report import BARE, TOKEN, Row, economy_expected, paired_key
+from .report import BARE, TOKEN, Row, economy_expected, pair_ratios, paired_key
 from .upstream import SMALL_JSON
 from .wrk import check_clean, run_wrk
 
@@ -97,11 +97,7 @@ def proxy_grid(bench: Bench, section: str, targets: Targets, pid: int | None) ->
                     if target != BARE and BARE in runs:
                         key = paired_key(section, target, BARE, body, connections)
                         bench.results.paired[key] = [
-                            (
-                                row.load.rps / base.load.rps,
-                                row.load.p99_ms / base.load.p99_ms,
-                                (row.load.p99_wrk_ms or 0) / (base.load.p99_wrk_ms or 1),
-                            )
+                            pair_ratios(row.load, base.load)
                             for row, base in zip(runs[target], runs[BARE], strict=True)
                         ]
     finally:

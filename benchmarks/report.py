@@ -72,6 +72,15 @@ def paired_key(section: str, target: str, base: str, body: str, connections: int
     return f"{section}|{target}|{base}|{body}|{connections}"
 
 
+def pair_ratios(load: LoadResult, base: LoadResult) -> tuple[float, ...]:
+    """One round's (req/s ratio, p99 ratio[, ratio of wrk's corrected p99s where both have
+    one]) of a target's cell to the baseline's."""
+    pair: tuple[float, ...] = (load.rps / base.rps, load.p99_ms / base.p99_ms)
+    if load.p99_wrk_ms and base.p99_wrk_ms:
+        pair += (load.p99_wrk_ms / base.p99_wrk_ms,)
+    return pair
+
+
 def ratios(
     results: Results, section: str, target: str, base: str, body: str, conns: int
 ) -> tuple[float, float, int] | None:

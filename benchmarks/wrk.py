@@ -11,8 +11,9 @@ answers on a connection (run time / (requests / connections)) as the interval at
 client would have sent, and for every answer that took n >= 2 intervals it adds one answer
 each of n - 1, n - 2, ... intervals (down to just over one): the requests such a client
 would have queued behind it. On a closed-loop run at full speed that interval is the service
-time itself (0.5 ms for 1 MiB at one connection), so one 90 ms stall became ~180 answers and
-moved the p99 of 8,000 answers from ~1 ms to ~70 ms (benchmarks/README.md, "1 MiB p99").
+time itself (0.5 ms for 1 MiB at one connection), so one 90 ms stall became ~180 answers, and
+two of them among 8,000 answers moved the p99 from ~1 ms to ~70 ms (benchmarks/README.md,
+"1 MiB p99").
 :func:`per_request` undoes the correction exactly; wrk's figure is kept as ``p99_wrk_ms``.
 """
 

@@ -65,3 +65,14 @@ def test_wrk_corrected_p99_ratio_is_shown_beside_the_per_request_one() -> None:
     results.paired[paired_key("proxy", NONE, BARE, "small JSON", 16)] = [(0.95, 1.1)]
     checks, _ = target_checks(results, "proxy")
     assert "| 1.10x | <= 1.3x | yes |" in checks
+
+
+def test_pair_ratios_carry_wrk_p99_only_where_both_cells_have_it() -> None:
+    from dataclasses import replace
+
+    from benchmarks.report import pair_ratios
+
+    base = replace(_row(BARE, 1000, 10.0).load, p99_wrk_ms=20.0)
+    load = replace(_row(NONE, 900, 12.0).load, p99_wrk_ms=50.0)
+    assert pair_ratios(load, base) == (0.9, 1.2, 2.5)
+    assert pair_ratios(replace(load, p99_wrk_ms=None), base) == (0.9, 1.2)

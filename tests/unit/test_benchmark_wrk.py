@@ -84,3 +84,17 @@ def test_percentile_ranks_as_wrk_does() -> None:
     assert percentile(histogram, 98) == 2
     assert percentile(histogram, 99) == 3
     assert percentile([], 99) == 0
+
+
+def test_values_at_one_and_two_intervals_are_taken_as_wrk_leaves_them() -> None:
+    # interval 100 µs: wrk adds nothing at or below one interval, and an answer of exactly two
+    # intervals adds nothing (its only candidate, 100 µs, is not above one interval).
+    measured = {50: 2, 100: 5, 200: 2, 300: 1}
+    corrected = _wrk_correct(measured, 100)
+    assert corrected == {50: 2, 100: 5, 200: 3, 300: 1}
+
+    recovered = per_request(
+        sorted(corrected.items()), requests=10, duration_us=1_000, connections=1
+    )
+
+    assert recovered == sorted(measured.items())
