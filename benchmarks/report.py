@@ -81,38 +81,45 @@ def pair_ratios(load: LoadResult, base: LoadResult) -> tuple[float, ...]:
     return pair
 
 
+def _round_ratios(
+    results: Results, section: str, target: str, base: str, body: str, conns: int
+) -> list[tuple[float, ...]]:
+    """The per-round :func:`pair_ratios` of ``target`` to ``base`` where the run kept them,
+    else the one pair of the recorded rows ([] where either row is missing)."""
+    pairs = results.paired.get(paired_key(section, target, base, body, conns))
+    if pairs:
+        return pairs
+    row = results.find(section, target, body, conns)
+    baseline = results.find(section, base, body, conns)
+    if row is None or baseline is None:
+        return []
+    return [pair_ratios(row.load, baseline.load)]
+
+
 def ratios(
     results: Results, section: str, target: str, base: str, body: str, conns: int
 ) -> tuple[float, float, int] | None:
     """(req/s ratio, p99 ratio, rounds) of ``target`` to ``base``: the medians of the per-round
     ratios where the run kept them (so not, in general, the ratio of the rows shown, which are
     each target's median round), else the ratio of the recorded rows."""
-    pairs = results.paired.get(paired_key(section, target, base, body, conns))
-    if pairs:
-        return (
-            statistics.median(p[0] for p in pairs),
-            statistics.median(p[1] for p in pairs),
-            len(pairs),
-        )
-    row = results.find(section, target, body, conns)
-    baseline = results.find(section, base, body, conns)
-    if row is None or baseline is None:
+    pairs = _round_ratios(results, section, target, base, body, conns)
+    if not pairs:
         return None
-    return row.load.rps / baseline.load.rps, row.load.p99_ms / baseline.load.p99_ms, 1
+    return (
+        statistics.median(p[0] for p in pairs),
+        statistics.median(p[1] for p in pairs),
+        len(pairs),
+    )
 
 
 def wrk_p99_ratio(
     results: Results, section: str, target: str, base: str, body: str, conns: int
 ) -> float | None:
-    """The same as :func:`ratios`' p99 ratio, of wrk's corrected p99s (None where not kept)."""
-    pairs = results.paired.get(paired_key(section, target, base, body, conns))
-    if pairs and all(len(p) > 2 for p in pairs):
-        return statistics.median(p[2] for p in pairs)
-    row = results.find(section, target, body, conns)
-    baseline = results.find(section, base, body, conns)
-    if row is None or baseline is None or not row.load.p99_wrk_ms or not baseline.load.p99_wrk_ms:
+    """As :func:`ratios`' p99 ratio, of wrk's corrected p99s (None where a round lacks one)."""
+    pairs = _round_ratios(results, section, target, base, body, conns)
+    if not pairs or any(len(p) < 3 for p in pairs):
         return None
-    return row.load.p99_wrk_ms / baseline.load.p99_wrk_ms
+    return statistics.median(p[2] for p in pairs)
 
 
 def _num(value: float) -> str:

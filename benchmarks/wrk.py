@@ -24,6 +24,7 @@ import math
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,7 +131,7 @@ def run_wrk(
     data = json.loads(marker.removeprefix("@@WRK "))
     errors = data["connect"] + data["read"] + data["write"] + data["timeout"]
     recorded = per_request(
-        [(value, count) for value, count in data["histogram"]],
+        data["histogram"],  # [[µs, answers], ...]
         requests=data["requests"],
         duration_us=data["duration_us"],
         connections=connections,
@@ -149,7 +150,7 @@ def run_wrk(
 
 
 def per_request(
-    histogram: list[tuple[int, int]], *, requests: int, duration_us: int, connections: int
+    histogram: Iterable[Sequence[int]], *, requests: int, duration_us: int, connections: int
 ) -> list[tuple[int, int]]:
     """wrk's corrected histogram ``[(µs, answers)]`` back to the answers it measured.
 
@@ -158,7 +159,7 @@ def per_request(
     m plus the corrected count at m + interval, and the measured count is the difference.
     Raises :class:`LoadError` where that goes negative (not wrk 4's correction, then).
     """
-    corrected = dict(histogram)
+    corrected = {value: count for value, count in histogram}
     per_connection = requests // connections if connections else 0
     interval = duration_us // per_connection if per_connection else 0
     if interval <= 0:  # wrk corrected nothing

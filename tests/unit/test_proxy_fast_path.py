@@ -402,15 +402,23 @@ async def test_each_route_forwards_cookies_by_its_own_setting_whatever_came_befo
 
 
 class StalledUpstream(RecordingUpstream):
+    """Says when a request reached it, then never answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reached = asyncio.Event()
+
     async def send(self, *args: Any, **kwargs: Any) -> UpstreamResponse:
-        await asyncio.Event().wait()  # never answers: the request is cancelled meanwhile
+        self.reached.set()
+        await asyncio.Event().wait()  # the request is cancelled meanwhile
         raise AssertionError("unreachable")
 
 
 async def test_a_request_cancelled_before_any_answer_is_counted_and_logged_as_499(
     access_log: pytest.LogCaptureFixture,
 ) -> None:
-    app = create_app(make_settings(), upstream=StalledUpstream())
+    upstream = StalledUpstream()
+    app = create_app(make_settings(), upstream=upstream)
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -426,7 +434,7 @@ async def test_a_request_cancelled_before_any_answer_is_counted_and_logged_as_49
         "query_string": b"",
     }
     request = asyncio.ensure_future(app(scope, receive, send))
-    await asyncio.sleep(0.01)
+    await asyncio.wait_for(upstream.reached.wait(), timeout=5)  # cancelled mid-request
     request.cancel()
     with pytest.raises(asyncio.CancelledError):
         await request
