@@ -169,7 +169,7 @@ async def _prepare(upstream_url: str | None) -> tuple[Any, str]:
         settings["routes"] = [dict(r, upstream=upstream_url) for r in _SETTINGS["routes"]]
     fake = None if upstream_url else InstantUpstream()
     app = create_app(Settings(**settings), upstream=fake)
-    gw = app.state.gateway
+    gw = app.state.services
     gw.started = True  # no IdP: discovery and JWKS are not needed for a cached token
     session, set_cookie = await gw.sessions.create(
         sub="user-1", sid="sid-1", refresh_token="rt", id_token=None, claims={"sub": "user-1"}

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
-from starlette.routing import BaseRoute, Route
 
 from .backchannel import process_logout_token, read_logout_token
-from .errors import CSRFCheckFailed, GatewayError, LoginFailed, LoginRequired
-from .oidc import pkce_challenge
-from .security import check_csrf, new_secret_token, tokens_equal, validate_return_to
+from .errors import CSRFCheckFailed, LoginFailed, LoginRequired
+from .headers import joined_cookie
+from .oidc import OIDCClient, pkce_challenge
+from .routing import RouteTable
+from .security import check_csrf, new_secret_token, read_cookie, tokens_equal, validate_return_to
+from .services import Services
 from .sessions.manager import LOGIN_TTL
-
-if TYPE_CHECKING:
-    from .app import Gateway
 
 logger = logging.getLogger("gateway.auth")
 
@@ -43,45 +42,46 @@ def _no_store(response: Response) -> Response:
 
 
 class AuthEndpoints:
-    """Starlette endpoints bound to one Gateway."""
+    """Starlette-style endpoints (Request -> Response); ``create_app`` puts each at its path
+    (``own_paths``)."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gw = gateway
-
-    def routes(self) -> list[BaseRoute]:
-        return [
-            Route("/auth/login", self.login, methods=["GET"]),
-            Route("/auth/callback", self.callback, methods=["GET"]),
-            Route("/auth/logout", self.logout, methods=["GET", "POST"]),
-            Route("/auth/me", self.me, methods=["GET"]),
-            Route("/auth/backchannel-logout", self.backchannel_logout, methods=["POST"]),
-        ]
+    def __init__(self, services: Services, *, oidc: OIDCClient, routes: RouteTable) -> None:
+        # The services for their lifecycle (ensure_started, end_session), store and sessions.
+        self._services = services
+        self._oidc = oidc
+        self._routes = routes
+        settings = services.settings
+        self._store = services.store
+        self._sessions = services.sessions
+        self._csrf = settings.csrf
+        self._allowed_origins = settings.allowed_origins
+        self._idle_timeout = settings.session.idle_timeout
+        self._login_url = services.login_url
+        self._post_logout_url = services.post_logout_redirect_url
 
     async def login(self, request: Request) -> Response:
         """Start authorization code + PKCE (S256) with state and nonce."""
-        gw = self._gw
-        await gw.ensure_started()
+        await self._services.ensure_started()
         return_to = validate_return_to(request.query_params.get("return_to"))
         state, nonce, verifier = (
             new_secret_token(),
             new_secret_token(),
             new_secret_token() + new_secret_token(),
         )
-        await gw.store.put_login(
+        await self._store.put_login(
             state, {"nonce": nonce, "verifier": verifier, "return_to": return_to}, ttl=LOGIN_TTL
         )
-        url = await gw.oidc.authorize_url(
+        url = await self._oidc.authorize_url(
             state=state, nonce=nonce, code_challenge=pkce_challenge(verifier)
         )
         response = RedirectResponse(url, status_code=302)
-        response.headers.append("Set-Cookie", gw.sessions.login_cookie(state))
+        response.headers.append("Set-Cookie", self._sessions.login_cookie(state))
         return _no_store(response)
 
     async def callback(self, request: Request) -> Response:
         """Finish login: check state (single use, bound to this browser), exchange the code,
         validate the ID token, then start a brand-new session."""
-        gw = self._gw
-        await gw.ensure_started()
+        await self._services.ensure_started()
         params = request.query_params
         if "error" in params:
             reason = params["error"] if _ERROR_CODE.match(params["error"]) else "invalid_error"
@@ -89,22 +89,24 @@ class AuthEndpoints:
         state, code = params.get("state"), params.get("code")
         if not state or not code:
             raise LoginFailed("the callback lacks state or code")
-        browser_state = request.cookies.get(gw.sessions.login_cookie_name)
+        browser_state = read_cookie(
+            joined_cookie(request.scope["headers"]), self._sessions.login_cookie_name
+        )
         if not tokens_equal(browser_state, state):
             raise LoginFailed("this login was not started in this browser")
-        pending = await gw.store.pop_login(state)
+        pending = await self._store.pop_login(state)
         if pending is None:
             raise LoginFailed("unknown, expired or already used login state")
-        tokens = await gw.oidc.exchange_code(code=code, verifier=pending["verifier"])
+        tokens = await self._oidc.exchange_code(code=code, verifier=pending["verifier"])
         if tokens.id_token is None:
             raise LoginFailed("the identity provider returned no ID token")
-        claims = await gw.oidc.validate_id_token(tokens.id_token, nonce=pending["nonce"])
+        claims = await self._oidc.validate_id_token(tokens.id_token, nonce=pending["nonce"])
         if tokens.refresh_token is None:
             raise LoginFailed("the identity provider issued no refresh token (offline_access?)")
-        old = gw.sessions.session_id_from_cookie(request.headers.get("cookie"))
+        old = self._sessions.session_id_from_cookie(joined_cookie(request.scope["headers"]))
         if old is not None:
-            await gw.end_session(old)
-        session, cookie = await gw.sessions.create(
+            await self._services.end_session(old)
+        session, cookie = await self._sessions.create(
             sub=str(claims["sub"]),
             sid=claims.get("sid") if isinstance(claims.get("sid"), str) else None,
             refresh_token=tokens.refresh_token,
@@ -114,7 +116,7 @@ class AuthEndpoints:
         logger.info("login complete for session %s", session.id[:8])
         response = RedirectResponse(pending["return_to"], status_code=302)
         response.headers.append("Set-Cookie", cookie)
-        response.headers.append("Set-Cookie", gw.sessions.clear_login_cookie())
+        response.headers.append("Set-Cookie", self._sessions.clear_login_cookie())
         return _no_store(response)
 
     async def logout(self, request: Request) -> Response:
@@ -124,24 +126,23 @@ class AuthEndpoints:
         Works while the IdP is down: the session still ends here (revocation is best effort
         and the browser then goes to post_logout_redirect_url).
         """
-        gw = self._gw
-        header = request.headers.get(gw.settings.csrf.header)
+        header = request.headers.get(self._csrf.header)
         if header is not None:
             check_csrf(
                 method=request.method,
                 header_value=header,
-                expected_value=gw.csrf_value,
+                expected_value=self._csrf.value,
                 origin=request.headers.get("origin"),
                 sec_fetch_site=request.headers.get("sec-fetch-site"),
-                allowed_origins=gw.settings.allowed_origins,
+                allowed_origins=self._allowed_origins,
             )
-        elif not _is_same_origin_navigation(request, gw.settings.allowed_origins):
+        elif not _is_same_origin_navigation(request, self._allowed_origins):
             raise CSRFCheckFailed("logout needs the anti-CSRF header or a same-origin form post")
-        session_id = gw.sessions.session_id_from_cookie(request.headers.get("cookie"))
-        session = await gw.end_session(session_id, revoke=True) if session_id else None
-        post_logout = gw.post_logout_redirect_url
+        session_id = self._sessions.session_id_from_cookie(joined_cookie(request.scope["headers"]))
+        session = await self._services.end_session(session_id, revoke=True) if session_id else None
+        post_logout = self._post_logout_url
         logout_url = (
-            await gw.oidc.end_session_url(
+            await self._oidc.end_session_url(
                 id_token_hint=session.id_token, post_logout_redirect_uri=post_logout
             )
             if session is not None
@@ -152,22 +153,21 @@ class AuthEndpoints:
             response = JSONResponse({"logged_out": session is not None, "logout_url": logout_url})
         else:
             response = RedirectResponse(logout_url, status_code=303)
-        response.headers.append("Set-Cookie", gw.sessions.clear_cookie())
+        response.headers.append("Set-Cookie", self._sessions.clear_cookie())
         return _no_store(response)
 
     async def me(self, request: Request) -> Response:
         """The user, the session's expiry and the routes the SPA may call (no IdP needed)."""
-        gw = self._gw
-        session = await gw.sessions.current(request.headers.get("cookie"))
+        session = await self._sessions.current(joined_cookie(request.scope["headers"]))
         if session is None:
-            raise LoginRequired("no valid session", login_url=gw.login_url)
+            raise LoginRequired("no valid session", login_url=self._login_url)
         body: dict[str, Any] = {
             "sub": session.sub,
             "claims": session.claims_dict(),
             "session": {
                 "created_at": int(session.created_at),
                 "expires_at": int(session.absolute_expiry),
-                "idle_timeout": int(gw.settings.session.idle_timeout),
+                "idle_timeout": int(self._idle_timeout),
             },
             "routes": [
                 {
@@ -176,7 +176,7 @@ class AuthEndpoints:
                     "audience": r.settings.audience,
                     "scopes": r.settings.scopes,
                 }
-                for r in gw.routes
+                for r in self._routes
                 if r.needs_token
             ],
         }
@@ -185,10 +185,9 @@ class AuthEndpoints:
     async def backchannel_logout(self, request: Request) -> Response:
         """OIDC Back-Channel Logout 1.0: the IdP ends sessions by ``sid``/``sub``. Server to
         server, so no cookie and no CSRF check: the signed logout token is the proof."""
-        gw = self._gw
-        await gw.ensure_started()
+        await self._services.ensure_started()
         token = await read_logout_token(request)
-        await process_logout_token(gw, token)
+        await process_logout_token(self._services, token)
         return _no_store(Response(status_code=200))
 
 
@@ -201,4 +200,4 @@ def _is_same_origin_navigation(request: Request, allowed_origins: list[str]) -> 
     return site == "same-origin"
 
 
-__all__ = ["AuthEndpoints", "GatewayError"]
+__all__ = ["AuthEndpoints"]

@@ -16,12 +16,12 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
-from .errors import BadRequest, PayloadTooLarge
+from .errors import InvalidLogoutToken, PayloadTooLarge
 from .oidc import OIDCClient
 from .settings import OIDCSettings
 
 if TYPE_CHECKING:
-    from .app import Gateway
+    from .services import Services
 
 logger = logging.getLogger("gateway.auth")
 
@@ -32,12 +32,6 @@ MAX_BODY_BYTES = 64 * 1024
 # past" MAY be rejected).
 MAX_TOKEN_AGE = 600.0
 _FORM = "application/x-www-form-urlencoded"
-
-
-class InvalidLogoutToken(BadRequest):
-    """§2.8: a logout token that fails validation is answered 400 ``invalid_request``."""
-
-    error = "invalid_request"
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +120,7 @@ def _claim(claims: dict[str, Any], name: str, *, max_length: int = 1024) -> str 
     return value
 
 
-async def process_logout_token(gateway: Gateway, token: str) -> int:
+async def process_logout_token(gateway: Services, token: str) -> int:
     """Validate ``token``, refuse a replay, end the sessions it names; return how many ended.
 
     Sessions are ended without revoking their refresh tokens: the IdP has ended the grant.

@@ -1,4 +1,4 @@
-"""The gateway's exception tree and the one handler that renders it.
+"""The gateway's exception tree and the one renderer of it.
 
 Every failure a client can see is one of these classes; each carries its HTTP status and a
 machine-readable ``error`` code as class attributes (the werkzeug pattern), and the message
@@ -8,21 +8,30 @@ never contains a token, cookie or code.
     ├── ConfigError                  startup only -> exit 2
     ├── BadRequest                   400 bad_request
     │   ├── InvalidPath              400 invalid_path
-    │   └── LoginFailed              400 login_failed (bad state, IdP error at callback)
-    ├── LoginRequired                401 login_required (+ login_url)
+    │   ├── LoginFailed              400 login_failed (bad state, IdP error at callback)
+    │   └── InvalidLogoutToken       400 invalid_request (back-channel logout, §2.8)
+    ├── LoginRequired                401 login_required (+ login_url, set where raised)
     │   └── RefreshTokenRejected     invalid_grant: the session is ended first
+    ├── SessionEnded                 401 login_required: a store refused a write for an ended
+    │                                session (the token broker turns it into LoginRequired)
     ├── Forbidden                    403 forbidden
     │   ├── CSRFCheckFailed          403 csrf_failed
     │   ├── AudienceNotPermitted     403 audience_not_permitted
-    │   └── InsufficientScope        403 insufficient_scope
+    │   ├── InsufficientScope        403 insufficient_scope
+    │   └── CallerRefused            403 forbidden (forward-auth: not the data plane)
     ├── NotFound                     404 not_found
+    ├── MethodNotAllowed             405 method_not_allowed (+ Allow)
     ├── PayloadTooLarge              413 payload_too_large
     ├── HeadersTooLarge              431 headers_too_large
     ├── IdentityProviderError        502 idp_error (IdP refused us: misconfiguration)
     ├── IdentityProviderUnavailable  503 idp_unavailable + Retry-After
     ├── SessionStoreUnavailable      503 session_store_unavailable + Retry-After
-    └── UpstreamError                502 upstream_unavailable
-        └── UpstreamTimeout          504 upstream_timeout
+    ├── UpstreamError                502 upstream_unavailable
+    │   └── UpstreamTimeout          504 upstream_timeout
+    └── ClientDisconnected           499, never rendered: the client went away mid-request
+
+A 5xx is logged by :func:`as_gateway_error` from every entry (proxy, own endpoints, forward-auth,
+WebSocket handshake), naming the route and never the path.
 """
 
 from __future__ import annotations
@@ -30,7 +39,6 @@ from __future__ import annotations
 import logging
 from typing import ClassVar
 
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 logger = logging.getLogger("gateway.error")
@@ -71,15 +79,33 @@ class LoginFailed(BadRequest):
     error = "login_failed"
 
 
+class InvalidLogoutToken(BadRequest):
+    """OIDC Back-Channel Logout 1.0 §2.8: a logout token that fails validation is answered
+    400 ``invalid_request``."""
+
+    error = "invalid_request"
+
+
 class LoginRequired(GatewayError):
-    """No usable session: the SPA should send the user to ``login_url``."""
+    """No usable session: the SPA should send the user to ``login_url``, which whoever raises
+    it names (the proxy: the login endpoint; forward-auth: login and back to the original URI)."""
 
     status_code = 401
     error = "login_required"
 
+    def __init__(self, message: str = "", *, login_url: str, **extra: str) -> None:
+        super().__init__(message, login_url=login_url, **extra)
+
 
 class RefreshTokenRejected(LoginRequired):
     """The IdP answered ``invalid_grant``: the refresh token is dead, so is the session."""
+
+
+class SessionEnded(GatewayError):
+    """A store refused to write a session that has ended meanwhile (logout won the race)."""
+
+    status_code = 401
+    error = "login_required"
 
 
 class Forbidden(GatewayError):
@@ -99,9 +125,25 @@ class InsufficientScope(Forbidden):
     error = "insufficient_scope"
 
 
+class CallerRefused(Forbidden):
+    """The forward-auth caller is not the configured data plane (secret or source address)."""
+
+
 class NotFound(GatewayError):
     status_code = 404
     error = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status_code = 405
+    error = "method_not_allowed"
+
+    def __init__(self, message: str = "", *, allow: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)}
 
 
 class PayloadTooLarge(GatewayError):
@@ -150,6 +192,13 @@ class UpstreamTimeout(UpstreamError):
     error = "upstream_timeout"
 
 
+class ClientDisconnected(GatewayError):
+    """The client went away while its request was read: nothing is answered."""
+
+    status_code = 499
+    error = "client_closed_request"
+
+
 def render_error(exc: GatewayError) -> Response:
     """Render ``exc`` as the JSON body every client of the gateway can rely on."""
     body: dict[str, str] = {"error": exc.error, "message": exc.message, **exc.extra}
@@ -157,16 +206,13 @@ def render_error(exc: GatewayError) -> Response:
     return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
-async def handle_gateway_error(request: Request, exc: Exception) -> Response:
-    """Starlette exception handler for :class:`GatewayError`."""
-    if not isinstance(exc, GatewayError):  # pragma: no cover - registered for GatewayError only
-        raise exc
+def as_gateway_error(exc: Exception, route: str) -> GatewayError:
+    """What to answer for ``exc`` raised while serving ``route``; a 5xx is logged here, the same
+    way for every entry: the route's name and the error's message, never the request path (an
+    API path can carry a secret) and never an unexpected exception's arguments."""
+    if not isinstance(exc, GatewayError):
+        logger.error("unhandled %s on route %s", type(exc).__name__, route)
+        return GatewayError("unexpected error")
     if exc.status_code >= 500:
-        logger.warning("%s: %s", exc.error, exc.message)
-    return render_error(exc)
-
-
-async def handle_unexpected_error(request: Request, exc: Exception) -> Response:
-    """Last resort: log the type (never the args, which may hold secrets) and answer 500."""
-    logger.error("unhandled %s on %s", type(exc).__name__, request.url.path)
-    return render_error(GatewayError("unexpected error"))
+        logger.warning("%s on route %s: %s", exc.error, route, exc.message)
+    return exc

@@ -25,22 +25,25 @@ import ipaddress
 import logging
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from .errors import Forbidden, GatewayError, InvalidPath, LoginRequired, render_error
-from .headers import first_header
+from .authorize import Authorizer
+from .errors import (
+    CallerRefused,
+    Forbidden,
+    GatewayError,
+    InvalidPath,
+    LoginRequired,
+    as_gateway_error,
+    render_error,
+)
+from .headers import first_header, read_headers
 from .observability import request_context
-from .proxy_endpoint import bearer_for
-from .routing import Route as GatewayRoute
-from .routing import normalize_path
+from .routing import Route, RouteTable, normalize_path
 from .security import tokens_equal, validate_return_to
-
-if TYPE_CHECKING:
-    from .app import Gateway
+from .settings import ForwardAuthSettings
 
 logger = logging.getLogger("gateway.forward_auth")
 
@@ -55,10 +58,6 @@ _METHOD_HEADERS = (b"x-forwarded-method", b"x-original-method")
 _METHOD = re.compile(r"[A-Z]{1,16}")
 _MAX_URI = 8192
 _OK_HEADERS = [(b"cache-control", b"no-store"), (b"content-length", b"0")]
-
-
-class CallerRefused(Forbidden):
-    """The caller is not the configured data plane (secret or source address)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,27 +150,31 @@ def _header_value(value: object) -> bytes | None:
 class ForwardAuthEndpoint:
     """The forward-auth endpoint as raw ASGI (it is the hot path of forward-auth mode)."""
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gw = gateway
-        settings = gateway.settings.forward_auth
-        self._path = settings.path
+    def __init__(
+        self,
+        settings: ForwardAuthSettings,
+        *,
+        routes: RouteTable,
+        authorizer: Authorizer,
+        login_url: str,
+    ) -> None:
+        self._routes = routes
+        self._authorizer = authorizer
+        self._login_url = login_url
+        self.path = settings.path
         self._secret = settings.secret.get_secret_value() if settings.secret else None
         self._networks = [ipaddress.ip_network(s) for s in settings.allowed_sources]
         self._user_headers = settings.user_headers
 
-    def routes(self) -> list[BaseRoute]:
-        """Any method (Envoy sends the original one); ``/<path>/...`` is Envoy's path_prefix."""
-        return [Route(self._path, self), Route(self._path + "/{original:path}", self)]
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
+        """Any method (Envoy sends the original one); ``<path>/...`` is Envoy's path_prefix."""
         try:
             headers = await self._decide(scope)
         except GatewayError as exc:
-            response = render_error(exc)
-            response.headers["X-Auth-Error"] = exc.error
-            login_url = exc.extra.get("login_url")
+            error = as_gateway_error(exc, request_context(scope).route)
+            response = render_error(error)
+            response.headers["X-Auth-Error"] = error.error
+            login_url = error.extra.get("login_url")
             if login_url:
                 response.headers["X-Auth-Login-Url"] = login_url
             await response(scope, receive, send)
@@ -197,44 +200,48 @@ class ForwardAuthEndpoint:
                 logger.info("forward-auth: refused a caller outside allowed_sources (%s)", client)
                 raise CallerRefused("this endpoint answers the configured data plane only")
 
-    def _route(self, original: OriginalRequest) -> GatewayRoute:
+    def _route(self, original: OriginalRequest) -> Route:
         if original.route_name is not None:
-            route = self._gw.routes.by_name(original.route_name)
+            route = self._routes.by_name(original.route_name)
             if route is None:
                 raise Forbidden(f"no gateway route is named {original.route_name[:64]!r}")
             return route
         if original.path is None:
             raise Forbidden("the data plane sent neither a route name nor the original URI")
-        route = self._gw.routes.match(original.path)
+        route = self._routes.match(original.path)
         if route is None:
             raise Forbidden("no gateway route matches the original path")
         return route
 
-    def _login_url(self, original: OriginalRequest) -> str:
-        login_url = self._gw.login_url
+    def _return_login_url(self, original: OriginalRequest) -> str:
+        """Login, then back to the original URI."""
         target = validate_return_to(original.target, default="")
+        login_url = self._login_url
         return f"{login_url}?return_to={quote(target, safe='')}" if target else login_url
 
     async def _decide(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """The 200 answer's headers, or raise what the proxy would have answered."""
         self._check_caller(scope)
-        gw = self._gw
         context = request_context(scope)
-        await gw.ensure_started()
-        original = read_original_request(scope, self._path)
+        original = read_original_request(scope, self.path)
         route = self._route(original)
         context.route = route.name
-        if not route.needs_token:
-            return list(_OK_HEADERS)
-        session = await gw.sessions.current(first_header(scope["headers"], b"cookie"))
-        if session is None:
-            raise LoginRequired("no valid session", login_url=self._login_url(original))
-        context.sub = session.sub
+        login_url = self._return_login_url(original)
         try:
-            bearer = await bearer_for(gw, route, session, original.method, scope)
-        except LoginRequired as exc:  # the refresh token died: the session ended with it
-            exc.extra.setdefault("login_url", self._login_url(original))
-            raise
+            session, bearer = await self._authorizer.authorize(
+                route,
+                original.method,
+                read_headers(scope["headers"], self._authorizer.wanted),
+                login_url=login_url,
+            )
+        except LoginRequired as exc:
+            if exc.extra["login_url"] == login_url:
+                raise
+            # The broker's (the refresh token died): login, then back to the original URI.
+            raise type(exc)(exc.message, login_url=login_url) from exc
+        if session is None or bearer is None:  # a route without a token
+            return list(_OK_HEADERS)
+        context.sub = session.sub
         headers = [(b"authorization", b"Bearer " + bearer.encode("latin-1")), *_OK_HEADERS]
         if self._user_headers:
             for name, claim in (

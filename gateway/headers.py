@@ -13,8 +13,11 @@ in writes its own (as nginx does), and two ``Date`` fields would make an invalid
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 from multidict import istr
+
+_V = TypeVar("_V")
 
 HOP_BY_HOP = frozenset(
     {
@@ -53,14 +56,15 @@ _REQUEST_REMOVE_BY = {
 _RESPONSE_REMOVE = frozenset(n.encode() for n in HOP_BY_HOP) | {b"date"}
 _RESPONSE_REMOVE_ID = _RESPONSE_REMOVE | {_REQUEST_ID}
 _NOTHING: frozenset[bytes] = frozenset()
+_COOKIE_ONLY = frozenset({b"cookie"})
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade"})
 
 RawHeaders = list[tuple[bytes, bytes]]
 
 # Header names for the upstream as multidict's ``istr``: the forwarder (aiohttp) files every
 # name into case-insensitive dicts three times, and an ``istr`` carries its folded form where
-# a plain ``str`` is folded again each time (~700 instructions per header and request). The
-# client's names are kept once seen (bounded in number and length: a client chooses them).
+# a plain ``str`` is folded again each time. The client's names are kept once seen (bounded in
+# number and length: a client chooses them).
 _FORWARDED_FOR = istr("x-forwarded-for")
 _FORWARDED_PROTO = istr("x-forwarded-proto")
 _FORWARDED_HOST = istr("x-forwarded-host")
@@ -80,9 +84,20 @@ def _new_upstream_name(name: bytes) -> str:
     """A lower-case request header name not in ``_NAMES`` yet, as an ``istr`` kept there for
     the next request (the caller looked it up first)."""
     found = istr(name.decode("latin-1"))
-    if len(_NAMES) < _NAMES_MAX and len(name) <= _NAME_KEPT_MAX:
-        _NAMES[name] = found
+    _remember(_NAMES, name, found)
     return found
+
+
+def _remember(memo: dict[bytes, _V], name: bytes, value: _V) -> None:
+    """Keep ``value`` for a client-chosen header ``name``: short names only, and at most
+    ``_NAMES_MAX`` of them, the oldest out first, so that a client sending junk names neither
+    grows the table nor fills it for good (a name pushed out is decided again when it comes
+    back, and kept again)."""
+    if len(name) > _NAME_KEPT_MAX:
+        return
+    if len(memo) >= _NAMES_MAX:
+        del memo[next(iter(memo))]
+    memo[name] = value
 
 
 def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
@@ -91,6 +106,31 @@ def first_header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | N
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+def read_headers(
+    headers: Iterable[tuple[bytes, bytes]], wanted: frozenset[bytes]
+) -> dict[bytes, str]:
+    """The first value of each ``wanted`` (lower-case) header of an ASGI scope; every
+    ``Cookie`` field joined into one value.
+
+    HTTP/2 and HTTP/3 let a client send each cookie as a field of its own, and a server may
+    pass them on that way; they are joined with ``"; "`` before the session cookie is read
+    (RFC 9113 §8.2.3), so the session cookie is found in whichever field it came.
+    """
+    found: dict[bytes, str] = {}
+    for key, value in headers:
+        if key in wanted:
+            if key not in found:
+                found[key] = value.decode("latin-1")
+            elif key == b"cookie":
+                found[key] += "; " + value.decode("latin-1")
+    return found
+
+
+def joined_cookie(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """Every ``Cookie`` field of an ASGI scope's headers as one value (see read_headers)."""
+    return read_headers(headers, _COOKIE_ONLY).get(b"cookie")
 
 
 def _listed(
@@ -159,8 +199,7 @@ class RequestHeaderPlan:
             decision = (None, wanted)
         else:
             decision = (_NAMES.get(name) or _new_upstream_name(name), wanted)
-        if len(self._decisions) < _NAMES_MAX and len(raw_name) <= _NAME_KEPT_MAX:
-            self._decisions[raw_name] = decision
+        _remember(self._decisions, raw_name, decision)
         return decision
 
     def scan(self, headers: RawHeaders) -> tuple[int, dict[bytes, str], list[tuple[str, str]]]:
@@ -180,8 +219,11 @@ class RequestHeaderPlan:
             if decision is None:
                 decision = self._decide(raw_name)
             upstream_name, wanted = decision
-            if wanted and wanted not in found:
-                found[wanted] = raw_value.decode("latin-1")
+            if wanted:
+                if wanted not in found:
+                    found[wanted] = raw_value.decode("latin-1")
+                elif wanted == b"cookie":  # one field per cookie (HTTP/2): see joined_cookie
+                    found[wanted] += "; " + raw_value.decode("latin-1")
             if upstream_name:
                 out.append((upstream_name, raw_value.decode("latin-1")))
             elif upstream_name is _CONNECTION:

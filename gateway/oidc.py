@@ -19,6 +19,7 @@ from urllib.parse import urlencode
 import httpx
 import jwt
 
+from . import own_paths
 from .errors import (
     AudienceNotPermitted,
     GatewayError,
@@ -119,6 +120,7 @@ class OIDCClient:
         # observe(endpoint, seconds) after each call: token, discovery, jwks, revoke.
         self._observe = observe if observe is not None else _ignore_timing
         self._oidc = settings.oidc
+        self._login_url = settings.public_url + own_paths.LOGIN  # for a refusal that needs one
         self._http = http
         self._metadata: dict[str, Any] | None = None
         self._metadata_at = 0.0
@@ -394,7 +396,10 @@ class OIDCClient:
             code = code if isinstance(code, str) else "unknown_error"
             error_class = _REFRESH_ERRORS.get(code)
             if error_class is not None:
-                raise error_class(f"the identity provider refused the token request ({code})")
+                message = f"the identity provider refused the token request ({code})"
+                if issubclass(error_class, LoginRequired):
+                    raise error_class(message, login_url=self._login_url)
+                raise error_class(message)
             if code in ("invalid_client", "unauthorized_client"):
                 logger.error("the identity provider rejected the gateway's client (%s)", code)
             raise IdentityProviderError(

@@ -119,3 +119,21 @@ def check_csrf(
         raise CSRFCheckFailed("opaque origin refused")
     if sec_fetch_site is not None and sec_fetch_site not in ("same-origin", "none"):
         raise CSRFCheckFailed("cross-site request refused")
+
+
+def check_websocket_origin(
+    origin: str | None, allowed_origins: Iterable[str], *, required: bool
+) -> None:
+    """Raise CSRFCheckFailed unless a WebSocket upgrade comes from an allowed origin.
+
+    Browsers send cookies on cross-site upgrades and WebSockets have no CORS, and a page cannot
+    set the anti-CSRF header on one: ``Origin`` is the defence (cross-site WebSocket hijacking).
+    Browsers always send it on an upgrade (RFC 6455 §4.1); one without it is not from a browser
+    page, and is refused where the session cookie would be used (``required``).
+    """
+    if origin is None:
+        if required:
+            raise CSRFCheckFailed("WebSocket upgrade without an Origin")
+        return
+    if origin == "null" or origin not in allowed_origins:
+        raise CSRFCheckFailed("WebSocket upgrade from an origin that is not allowed")

@@ -26,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from . import own_paths
 from .errors import ConfigError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -190,15 +191,6 @@ class CSRFSettings(_Section):
     )
 
 
-_GATEWAY_AUTH_PATHS = (
-    "/auth/login",
-    "/auth/callback",
-    "/auth/logout",
-    "/auth/me",
-    "/auth/backchannel-logout",
-)
-
-
 class ForwardAuthSettings(_Section):
     enabled: bool = Field(False, description="Serve GET /auth/forward for data planes.")
     secret: SecretStr | None = Field(
@@ -211,7 +203,7 @@ class ForwardAuthSettings(_Section):
         default_factory=list,
         description="CIDRs the data plane calls from; with a secret too, both must pass.",
     )
-    path: str = Field("/auth/forward", description="Path of the endpoint, under /auth/.")
+    path: str = Field(own_paths.FORWARD_AUTH, description="Path of the endpoint, under /auth/.")
     user_headers: bool = Field(
         False, description="Add X-Auth-Request-User (sub) and X-Auth-Request-Email to 200s."
     )
@@ -242,7 +234,10 @@ class ForwardAuthSettings(_Section):
     @classmethod
     def _path_shape(cls, value: str) -> str:
         value = value.rstrip("/")
-        if not re.fullmatch(r"/auth(/[A-Za-z0-9._~\-]+)+", value) or value in _GATEWAY_AUTH_PATHS:
+        if (
+            not re.fullmatch(r"/auth(/[A-Za-z0-9._~\-]+)+", value)
+            or value in own_paths.AUTH_ENDPOINTS
+        ):
             raise ValueError(f"must be a path under /auth/ not used by the gateway, got {value!r}")
         if any(seg in (".", "..") for seg in value.split("/")):
             raise ValueError("must not contain . or .. segments")
@@ -363,14 +358,6 @@ class StaticSettings(_Section):
         return value
 
 
-RESERVED_PATHS = ("/healthz", "/readyz", "/metrics")
-
-
-def is_reserved_prefix(prefix: str) -> bool:
-    """Routes may not shadow the gateway's own endpoints (`/` as a catch-all is fine)."""
-    return prefix.startswith("/auth/") or prefix.rstrip("/") in RESERVED_PATHS
-
-
 class Settings(BaseSettings):
     """The whole configuration; see config/gateway.yaml for a documented example."""
 
@@ -423,7 +410,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"routes.{index}.prefix: duplicate prefix {route.prefix}")
             if route.name in names:
                 raise ValueError(f"routes.{index}.name: duplicate route name {route.name}")
-            if is_reserved_prefix(route.prefix):
+            if own_paths.is_reserved_prefix(route.prefix):
                 raise ValueError(f"routes.{index}.prefix: {route.prefix} is reserved")
             seen[route.prefix] = index
             names[route.name] = index
@@ -449,7 +436,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _static_checks(self) -> Settings:
         if self.static is not None:
-            if is_reserved_prefix(self.static.path):
+            if own_paths.is_reserved_prefix(self.static.path):
                 raise ValueError(f"static.path: {self.static.path} is reserved")
             if any(route.prefix == self.static.path for route in self.routes):
                 raise ValueError(f"static.path: {self.static.path} is also a route prefix")
@@ -465,7 +452,7 @@ class Settings(BaseSettings):
 
     @property
     def redirect_uri(self) -> str:
-        return self.public_url + "/auth/callback"
+        return self.public_url + own_paths.CALLBACK
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -3,16 +3,17 @@
 The files are public (no session, no CSRF) and only answer GET and HEAD. Configured routes keep
 priority under the static path by the same longest-prefix rule as between routes: with the page
 at ``/`` and a route at ``/api/``, ``/api/x`` is proxied and ``/app.js`` is a file. Everything the
-static site does not serve goes to the proxy, which answers 404 for paths no route claims.
+static site does not serve goes to the proxy (``dispatch.py``), which answers 404 for paths no
+route claims.
 """
 
 from __future__ import annotations
 
 from starlette.exceptions import HTTPException
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-from .errors import InvalidPath, NotFound, render_error
+from .errors import Forbidden, InvalidPath, NotFound
 from .routing import RouteTable, normalize_path
 from .settings import StaticSettings
 
@@ -23,24 +24,23 @@ _CSP = b"content-security-policy"
 
 
 class StaticSite:
-    """Serves ``settings.directory`` under ``settings.path``; anything else goes to ``fallback``."""
+    """Serves ``settings.directory`` under ``settings.path``."""
 
-    def __init__(self, settings: StaticSettings, routes: RouteTable, fallback: ASGIApp) -> None:
+    def __init__(self, settings: StaticSettings, routes: RouteTable) -> None:
         self._prefix = settings.path  # always ends with "/"
         self._routes = routes
-        self._fallback = fallback
         self._files = StaticFiles(directory=settings.directory, html=True)
         csp = settings.content_security_policy.encode("latin-1")
         # On every answer, 304s included: a browser merges a 304's headers into its cached copy.
         self._headers = _HEADERS + (((_CSP, csp),) if csp else ())
 
-    def serves(self, scope: Scope) -> bool:
-        """Whether this request is for a file (rather than a route or the proxy's 404)."""
-        if scope["type"] != "http" or scope["method"] not in _METHODS:
+    def serves(self, method: str, raw_path: str) -> bool:
+        """Whether this request is for a file (rather than a route or the proxy's 404);
+        ``raw_path``: the path as sent, below the mount point."""
+        if method not in _METHODS:
             return False
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         try:
-            path = normalize_path(raw_path.decode("latin-1"))
+            path = normalize_path(raw_path)
         except InvalidPath:
             return False  # the proxy renders the 400
         if not (path.startswith(self._prefix) or path == self._prefix[:-1]):
@@ -49,9 +49,8 @@ class StaticSite:
         return route is None or len(route.prefix) < len(self._prefix)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if not self.serves(scope):
-            await self._fallback(scope, receive, send)
-            return
+        """Serve the file the dispatcher found this site :meth:`serves`; raise NotFound (or
+        Forbidden, for a file it may not read) for the dispatcher's error renderer."""
         # StaticFiles resolves the file from the path below root_path.
         child = dict(scope, root_path=scope.get("root_path", "") + self._prefix[:-1])
 
@@ -65,9 +64,9 @@ class StaticSite:
         try:
             await self._files(child, receive, send_with_headers)
         except HTTPException as exc:
-            if exc.status_code != 404:
-                raise
-            await render_error(NotFound("no such file"))(scope, receive, send)
+            if exc.status_code == 404:
+                raise NotFound("no such file") from None
+            raise Forbidden("the file cannot be served") from None
 
 
 __all__ = ["StaticSite"]

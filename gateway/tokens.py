@@ -29,6 +29,7 @@ from .errors import (
     InsufficientScope,
     LoginRequired,
     RefreshTokenRejected,
+    SessionEnded,
 )
 from .metrics import GatewayMetrics
 from .oidc import OIDCClient, TokenResponse
@@ -114,10 +115,12 @@ class TokenBroker:
         settings: TokenSettings,
         clock: Callable[[], float] = time.time,
         metrics: GatewayMetrics | None = None,
+        login_url: str = "/auth/login",
         on_session_ended: Callable[[str], Awaitable[object]] | None = None,
     ) -> None:
         self._oidc = oidc
-        # Ends a session whose refresh token the IdP rejected (Gateway.end_session: delete,
+        self._login_url = login_url  # named by the LoginRequired this broker raises
+        # Ends a session whose refresh token the IdP rejected (Services.end_session: delete,
         # forget cached tokens, close open connections on every instance).
         self._on_session_ended = on_session_ended
         self._metrics = metrics if metrics is not None else GatewayMetrics()
@@ -159,7 +162,7 @@ class TokenBroker:
         refusal = self._refusals.get(key)
         if refusal is not None:
             self._metrics.cache_hit_refused.inc()
-            raise refusal[0](refusal[1])
+            raise self._refused(*refusal)
         store_key = f"{audience} {key[2]}"
         shared = await self._store.get_token(session.id, store_key)
         if shared is not None and now < self._due(shared):
@@ -187,13 +190,15 @@ class TokenBroker:
                     )
                 current = await self._store.load(session.id)
                 if current is None:
-                    raise LoginRequired("the session has ended")
+                    raise LoginRequired("the session has ended", login_url=self._login_url)
                 answer = await self._exchange(current, audience, scopes)
                 try:
                     token = self._checked(answer, audience=audience, scopes=scopes, now=now)
                 except GatewayError as exc:
                     self._metrics.exchange_failed(audience, exc)
                     raise
+            except SessionEnded as exc:  # a logout won the race with this exchange
+                raise LoginRequired("the session has ended", login_url=self._login_url) from exc
             except (AudienceNotPermitted, InsufficientScope, LoginRequired) as exc:
                 # The IdP said no (or wants an interaction): do not ask again for a while.
                 if not isinstance(exc, RefreshTokenRejected):
@@ -213,6 +218,12 @@ class TokenBroker:
             self._cache.put(key, token)
             await self._store.put_token(session.id, store_key, token)
             return token.access_token
+
+    def _refused(self, error: type[GatewayError], message: str) -> GatewayError:
+        """A remembered refusal, raised again."""
+        if issubclass(error, LoginRequired):
+            return error(message, login_url=self._login_url)
+        return error(message)
 
     def forget(self, session_id: str) -> None:
         """Drop this process's cached tokens of a session (logout)."""

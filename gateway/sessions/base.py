@@ -134,7 +134,7 @@ class SessionStore(Protocol):
 
         A session with ``rt_version > 0`` (a rotated refresh token) only replaces one that
         still exists: if it was deleted meanwhile (logout during an exchange), raise
-        LoginRequired rather than bring it back.
+        SessionEnded rather than bring it back.
         """
 
     async def load(self, session_id: str) -> Session | None:

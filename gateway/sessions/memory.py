@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from ..errors import LoginRequired
+from ..errors import SessionEnded
 from .base import CachedToken, Session
 
 MAX_PENDING_LOGINS = 100_000
@@ -37,7 +37,7 @@ class MemorySessionStore:
 
     async def save(self, session: Session) -> None:
         if session.rt_version > 0 and session.id not in self._sessions:
-            raise LoginRequired("the session has ended")
+            raise SessionEnded("the session has ended")
         session.compact()
         self._sessions[session.id] = (session, self._deadline(session))
         self._writes += 1

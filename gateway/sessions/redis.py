@@ -37,7 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from ..crypto import DecryptionFailed, SessionCipher
-from ..errors import ConfigError, LoginRequired, SessionStoreUnavailable
+from ..errors import ConfigError, SessionEnded, SessionStoreUnavailable
 from . import _redis_scripts as scripts
 from ._session_cache import SessionCache
 from .base import CachedToken, Session
@@ -179,7 +179,7 @@ class RedisSessionStore:
         with self._translate("save"):
             result = await self._save_script(keys=keys, args=args)
         if result == -3:
-            raise LoginRequired("the session has ended")
+            raise SessionEnded("the session has ended")
         if result == -1:
             raise SessionStoreUnavailable(
                 "refresh lock lost before the session was saved; write refused",

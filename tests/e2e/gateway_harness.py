@@ -40,7 +40,7 @@ class GatewayUnderTest:
 
     @property
     def gateway(self) -> Any:
-        return self.app.state.gateway
+        return self.app.state.services
 
     def client(self, **kwargs: Any) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.base_url, timeout=30, **kwargs)

@@ -33,7 +33,7 @@ async def test_public_route_and_me_work_while_idp_is_down() -> None:
             public = await client.get("/status/ping")
             me = await client.get("/auth/me")
             token_route = await client.get("/api/orders", headers={"X-CSRF": "1"})
-    await app.state.gateway.shutdown()
+    await app.state.services.shutdown()
     assert public.status_code == 200 and len(upstream.calls) == 1
     assert me.status_code == 401 and me.json()["error"] == "login_required"
     assert token_route.status_code == 503 and token_route.json()["error"] == "idp_unavailable"
@@ -54,7 +54,7 @@ async def test_requests_queued_behind_a_failing_start_fail_fast() -> None:
             responses = await asyncio.gather(
                 *(client.get("/api/orders", headers={"X-CSRF": "1"}) for _ in range(5))
             )
-    await app.state.gateway.shutdown()
+    await app.state.services.shutdown()
     assert [r.status_code for r in responses] == [503] * 5
     assert all("retry-after" in r.headers for r in responses)
     assert calls == 1  # one attempt; the four waiting requests got its failure
@@ -70,4 +70,4 @@ async def test_readyz_retries_at_once_after_the_idp_recovers() -> None:
             assert (await client.get("/readyz")).status_code == 503
             discovery.mock(side_effect=None, return_value=httpx.Response(200, json=DISCOVERY))
             assert (await client.get("/readyz")).status_code == 200
-    await app.state.gateway.shutdown()
+    await app.state.services.shutdown()

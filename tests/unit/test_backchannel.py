@@ -20,10 +20,9 @@ from gateway import create_app
 from gateway.backchannel import (
     BACKCHANNEL_LOGOUT_EVENT,
     MAX_BODY_BYTES,
-    InvalidLogoutToken,
     validate_logout_token,
 )
-from gateway.errors import SessionStoreUnavailable
+from gateway.errors import InvalidLogoutToken, SessionStoreUnavailable
 from gateway.oidc import OIDCClient
 from gateway.settings import Settings
 from tests.unit.test_redis_store import redis_store
@@ -155,14 +154,14 @@ async def running_app(settings: Settings) -> AsyncIterator[tuple[Starlette, http
 
 
 async def _new_session(app: Starlette, *, sub: str, sid: str | None) -> str:
-    session, _ = await app.state.gateway.sessions.create(
+    session, _ = await app.state.services.sessions.create(
         sub=sub, sid=sid, refresh_token=f"rt-{uuid.uuid4().hex}", id_token=None, claims={}
     )
     return str(session.id)
 
 
 async def _live(app: Starlette, session_id: str) -> bool:
-    return await app.state.gateway.store.load(session_id) is not None
+    return await app.state.services.store.load(session_id) is not None
 
 
 async def test_backchannel_logout_ends_the_session_of_its_sid(idp: respx.MockRouter) -> None:
@@ -251,8 +250,9 @@ async def test_backchannel_logout_get_is_refused(idp: respx.MockRouter) -> None:
             "/auth/backchannel-logout", params={"logout_token": logout_token()}
         )
         assert await _live(app, session_id)
-    # POST only: a GET falls through to the proxy, which no route claims.
-    assert response.status_code == 404 and response.json()["error"] == "not_found"
+    # POST only: the gateway's own path answers 405 (never the proxy).
+    assert response.status_code == 405 and response.json()["error"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST"
 
 
 async def test_redis_remember_jti_one_winner_across_instances() -> None:
@@ -269,7 +269,7 @@ async def test_backchannel_logout_store_down_is_503_and_the_retry_works(
 ) -> None:
     token = logout_token()
     async with running_app(settings_with_secret()) as (app, client):
-        store = app.state.gateway.store
+        store = app.state.services.store
         session_id = await _new_session(app, sub="auth0|alice", sid="sid-1")
         find = store.find
 

@@ -14,11 +14,11 @@ import pytest
 import respx
 from prometheus_client import CollectorRegistry
 
-from gateway.app import Gateway
 from gateway.connections import GOING_AWAY, SESSION_ENDED, ConnectionRegistry
 from gateway.errors import RefreshTokenRejected
 from gateway.oidc import OIDCClient
 from gateway.routing import RouteTable
+from gateway.services import Services
 from gateway.sessions import MemorySessionStore, Session
 from gateway.sessions.events import LocalSessionEvents, RedisSessionEvents
 from gateway.tokens import TokenBroker
@@ -158,7 +158,7 @@ async def test_stream_without_session_is_not_tracked() -> None:
 
 
 async def test_gateway_end_session_closes_connections_of_that_session() -> None:
-    gateway = Gateway(make_settings())
+    gateway = Services(make_settings())
     try:
         connection = FakeConnection()
         gateway.connections.register("sess-1", connection)

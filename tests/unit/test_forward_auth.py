@@ -111,7 +111,7 @@ async def _start(settings: Settings, idp: respx.MockRouter) -> AsyncIterator[Run
     token_route = idp.post(TOKEN_URL).mock(side_effect=_slow_token_answer)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
-        gateway = app.state.gateway
+        gateway = app.state.services
         _session, set_cookie = await gateway.sessions.create(
             sub="auth0|alice",
             sid="sid-1",

@@ -15,6 +15,8 @@ from gateway.headers import (
     build_upstream_headers,
     filter_response_headers,
     forwarded_site,
+    joined_cookie,
+    read_headers,
     scan_request_headers,
 )
 
@@ -143,19 +145,45 @@ def test_answers_lose_hop_by_hop_headers_our_cookies_and_the_upstreams_date() ->
 
 @pytest.mark.usefixtures("kept_names")
 def test_names_for_the_forwarder_are_kept_as_istr_bounded_in_number_and_length() -> None:
+    headers_module._NAMES.clear()
     many = [(f"x-custom-{i}".encode(), b"v") for i in range(2 * headers_module._NAMES_MAX)]
     _, _, out = scan_request_headers(many, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
     assert [name for name, _ in out] == [f"x-custom-{i}" for i in range(len(many))]
     assert all(isinstance(name, istr) for name, _ in out)  # no case folding in aiohttp
     assert len(headers_module._NAMES) == headers_module._NAMES_MAX
-    _, _, again = scan_request_headers(many, wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
-    assert again == out and again[0][0] is out[0][0]  # the kept object, not a new one
+    _, _, again = scan_request_headers(many[-1:], wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
+    assert again[0][0] is out[-1][0]  # the newest names are the kept ones
     headers_module._NAMES.clear()
     long_name = b"x-" + b"n" * 200  # a long name is forwarded but never kept
     _, _, out = scan_request_headers(
         [(long_name, b"v")], wanted=WANTED, gateway_cookies=GATEWAY_COOKIES
     )
     assert out == [(long_name.decode(), "v")] and headers_module._NAMES == {}
+
+
+def test_a_flood_of_junk_names_does_not_keep_real_names_from_being_remembered() -> None:
+    """Before: the first 512 names a plan saw were kept for good, so a client sending junk
+    names first put every later request's real names on the slow path forever."""
+    plan = RequestHeaderPlan(wanted=WANTED, gateway_cookies=GATEWAY_COOKIES)
+    junk = [(f"x-junk-{i}".encode(), b"v") for i in range(3 * headers_module._NAMES_MAX)]
+    plan.scan(junk)
+    plan.scan(REQUEST)
+    decisions = plan._decisions
+    assert len(decisions) == headers_module._NAMES_MAX
+    assert all(name in decisions for name, _ in REQUEST if len(name) <= 64)
+
+
+def test_every_cookie_field_is_read_as_one_cookie_header() -> None:
+    """HTTP/2 may carry each cookie in a field of its own (RFC 9113 §8.2.3)."""
+    split = [(b"cookie", b"a=1"), (b"x-other", b"y"), (b"cookie", b"gw_session=tok")]
+    assert read_headers(split, frozenset({b"cookie", b"x-other"})) == {
+        b"cookie": "a=1; gw_session=tok",
+        b"x-other": "y",
+    }
+    assert joined_cookie(split) == "a=1; gw_session=tok" and joined_cookie([]) is None
+    plan = RequestHeaderPlan(wanted=frozenset({b"cookie"}), gateway_cookies=GATEWAY_COOKIES)
+    _, found, _ = plan.scan(split)
+    assert found[b"cookie"] == "a=1; gw_session=tok"
 
 
 def test_a_plan_still_looks_at_connection_and_forwarded_cookie_values_once_names_are_known() -> (

@@ -57,12 +57,12 @@ def _client(app: Any) -> httpx.AsyncClient:
 @pytest.mark.parametrize(
     ("error", "outcome"),
     [
-        (RefreshTokenRejected("x"), "invalid_grant"),
+        (RefreshTokenRejected("x", login_url="/auth/login"), "invalid_grant"),
         (AudienceNotPermitted("x"), "refused"),
         (InsufficientScope("x"), "refused"),
         (IdentityProviderUnavailable("x"), "idp_unavailable"),
         (IdentityProviderError("x"), "idp_error"),
-        (LoginRequired("x"), "login_required"),
+        (LoginRequired("x", login_url="/auth/login"), "login_required"),
         (GatewayError("x"), "internal_error"),
     ],
 )
@@ -79,8 +79,8 @@ def test_registries_are_per_app_so_several_gateways_share_a_process() -> None:
     assert _value(second, "gateway_requests_total", route="api", status="200") is None
     assert _value(second, "gateway_token_exchanges_total", audience=API, outcome="ok") == 0
     # Two whole apps in one process: no "Duplicated timeseries" from a shared registry.
-    assert create_app(make_settings()).state.gateway.metrics is not None
-    assert create_app(make_settings()).state.gateway.metrics is not None
+    assert create_app(make_settings()).state.services.metrics is not None
+    assert create_app(make_settings()).state.services.metrics is not None
 
 
 def test_configured_routes_and_audiences_exist_at_zero_before_any_request() -> None:
@@ -158,7 +158,7 @@ async def test_metrics_endpoint_serves_prometheus_text_with_bounded_route_labels
         await client.get("/no/such/route/" + "x" * 50)
         await client.get("/elsewhere/unknown/path")
         response = await client.get("/metrics")
-    await app.state.gateway.shutdown()
+    await app.state.services.shutdown()
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
     samples = {
@@ -188,7 +188,7 @@ def _fetch(url: str) -> tuple[int, str]:
 
 async def test_metrics_port_serves_its_own_listener_until_shutdown(idp: respx.MockRouter) -> None:
     app = create_app(make_settings(metrics={"port": 0, "host": "127.0.0.1"}))
-    gateway = app.state.gateway
+    gateway = app.state.services
     await gateway.startup()
     try:
         assert gateway.metrics_port

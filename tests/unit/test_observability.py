@@ -19,7 +19,8 @@ import respx
 from starlette.types import Message, Receive, Scope, Send
 
 from gateway import create_app
-from gateway.access_log import AccessLogMiddleware
+from gateway.access_log import AccessLog
+from gateway.dispatch import Dispatcher, OwnRoute
 from gateway.metrics import GatewayMetrics
 from gateway.observability import (
     JSONFormatter,
@@ -50,7 +51,7 @@ def _metric(metrics: GatewayMetrics, name: str, **labels: str) -> float:
 
 
 class Inner:
-    """An ASGI app standing in for the gateway's router: records what it saw."""
+    """An ASGI app standing in for one of the gateway's own endpoints: records what it saw."""
 
     def __init__(self, *, route: str = "api", sub: str | None = "alice", status: int = 200) -> None:
         self.route, self.sub, self.status = route, sub, status
@@ -61,6 +62,7 @@ class Inner:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.headers = list(scope["headers"])
+        self.seen_id = current_request_id.get()
         context = request_context(scope)
         context.route, context.sub, context.upstream_seconds = self.route, self.sub, 0.002
         logging.getLogger("gateway.inner").warning("inside the request")
@@ -84,11 +86,30 @@ def _client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, base_url="http://gw.test")
 
 
-def _middleware(inner: Inner, **log: Any) -> tuple[AccessLogMiddleware, GatewayMetrics]:
+class _NoProxy:
+    async def handle(self, *args: Any) -> None:
+        raise AssertionError("these tests only call the endpoint at /auth/x")
+
+
+async def _no_websockets(*args: Any) -> None:
+    raise AssertionError("no WebSocket here")
+
+
+def _middleware(inner: Inner, **log: Any) -> tuple[Dispatcher, GatewayMetrics]:
+    """The dispatcher with ``inner`` as its only endpoint, at /auth/x."""
     metrics = GatewayMetrics(routes=["api"])
-    return AccessLogMiddleware(
-        inner, metrics=metrics, settings=LogSettings.model_validate(log)
-    ), metrics
+    access = AccessLog(metrics=metrics, settings=LogSettings.model_validate(log))
+    dispatcher = Dispatcher(
+        own={"/auth/x": OwnRoute(None, inner)},
+        own_subtrees={},
+        static=None,
+        proxy=_NoProxy(),  # type: ignore[arg-type]
+        websockets=_no_websockets,
+        access=access,
+        https=False,
+        error_headers=(),
+    )
+    return dispatcher, metrics
 
 
 def _access_lines(records: list[logging.LogRecord]) -> list[dict[str, Any]]:
@@ -131,10 +152,10 @@ async def test_request_id_generated_when_missing_then_returned_and_seen_inside()
     inner = Inner()
     app, _ = _middleware(inner)
     async with _client(app) as client:
-        response = await client.get("/api/x")
+        response = await client.get("/auth/x")
     request_id = response.headers["x-request-id"]
     assert GENERATED.fullmatch(request_id)
-    assert [v for k, v in inner.headers if k == b"x-request-id"] == [request_id.encode()]
+    assert inner.seen_id == request_id
 
 
 @pytest.mark.parametrize("value", VALID_IDS)
@@ -142,9 +163,9 @@ async def test_request_id_valid_incoming_is_kept(value: str) -> None:
     inner = Inner()
     app, _ = _middleware(inner)
     async with _client(app) as client:
-        response = await client.get("/api/x", headers={"X-Request-ID": value})
+        response = await client.get("/auth/x", headers={"X-Request-ID": value})
     assert response.headers["x-request-id"] == value
-    assert [v for k, v in inner.headers if k == b"x-request-id"] == [value.encode()]
+    assert inner.seen_id == value
 
 
 @pytest.mark.parametrize("value", INVALID_IDS)
@@ -152,10 +173,10 @@ async def test_request_id_invalid_incoming_is_replaced_everywhere(value: str) ->
     inner = Inner()
     app, _ = _middleware(inner)
     async with _client(app) as client:
-        response = await client.get("/api/x", headers=[(b"X-Request-ID", value.encode("utf-8"))])
+        response = await client.get("/auth/x", headers=[(b"X-Request-ID", value.encode("utf-8"))])
     request_id = response.headers["x-request-id"]
     assert GENERATED.fullmatch(request_id)
-    assert [v for k, v in inner.headers if k == b"x-request-id"] == [request_id.encode()]
+    assert inner.seen_id == request_id
 
 
 async def test_response_request_id_replaces_the_apps_own() -> None:
@@ -163,7 +184,7 @@ async def test_response_request_id_replaces_the_apps_own() -> None:
     inner.extra_response_headers = [(b"X-Request-ID", b"upstream-id")]
     app, _ = _middleware(inner)
     async with _client(app) as client:
-        response = await client.get("/api/x", headers={"X-Request-ID": "mine"})
+        response = await client.get("/auth/x", headers={"X-Request-ID": "mine"})
     assert response.headers.get_list("x-request-id") == ["mine"]
 
 
@@ -173,7 +194,7 @@ async def test_access_log_line_is_json_with_request_fields_and_no_query(
     app, metrics = _middleware(Inner())
     async with _client(app) as client:
         response = await client.get(
-            "/api/orders?code=secret-code&state=secret-state",
+            "/auth/x?code=secret-code&state=secret-state",
             headers={"X-Request-ID": "rid-1", "Cookie": "gw_session=secret-cookie"},
         )
     assert response.status_code == 200
@@ -184,7 +205,7 @@ async def test_access_log_line_is_json_with_request_fields_and_no_query(
     assert line["upstream_ms"] == 2.0 and line["duration_ms"] >= 0
     assert line["user"] == user_for_log("alice", "hashed")  # default key in this middleware
     text = json.dumps(line)
-    assert "secret" not in text and "/orders" not in text
+    assert "secret" not in text and "/auth/x" not in text
     assert _metric(metrics, "gateway_requests_total", route="api", status="200") == 1
     assert _metric(metrics, "gateway_upstream_duration_seconds_count", route="api") == 1
 
@@ -195,7 +216,7 @@ async def test_access_log_user_follows_log_user(
 ) -> None:
     app, _ = _middleware(Inner(), user=mode)
     async with _client(app) as client:
-        await client.get("/api/x")
+        await client.get("/auth/x")
     [line] = _access_lines(access_log.records)
     assert ("user" in line) is present
     if mode == "plain":
@@ -213,7 +234,7 @@ async def test_access_log_does_no_work_when_the_logger_is_disabled(
     monkeypatch.setattr("gateway.access_log.user_for_log", must_not_run)
     app, metrics = _middleware(Inner())
     async with _client(app) as client:
-        response = await client.get("/api/x")
+        response = await client.get("/auth/x")
     assert response.status_code == 200
     assert not [r for r in caplog.records if r.name == "gateway.access"]
     assert _metric(metrics, "gateway_requests_total", route="api", status="200") == 1
@@ -224,7 +245,7 @@ async def test_access_log_off_in_settings_still_counts_metrics(
 ) -> None:
     app, metrics = _middleware(Inner(), access_log=False)
     async with _client(app) as client:
-        await client.get("/api/x")
+        await client.get("/auth/x")
     assert _access_lines(access_log.records) == []
     assert _metric(metrics, "gateway_requests_total", route="api", status="200") == 1
 
@@ -236,8 +257,8 @@ async def test_unhandled_error_is_logged_and_counted_as_500(
     inner.raise_error = True
     app, metrics = _middleware(inner)
     async with _client(app) as client:
-        with pytest.raises(RuntimeError):
-            await client.get("/api/x")
+        response = await client.get("/auth/x")
+    assert response.status_code == 500 and response.json()["error"] == "internal_error"
     [line] = _access_lines(access_log.records)
     assert line["status"] == 500
     assert _metric(metrics, "gateway_requests_total", route="api", status="500") == 1
@@ -249,7 +270,7 @@ async def test_no_answer_is_logged_as_client_closed_499(
     inner = Inner()
     inner.answer = False
     app, _ = _middleware(inner)
-    scope = {"type": "http", "method": "GET", "path": "/api/x", "headers": [], "query_string": b""}
+    scope = {"type": "http", "method": "GET", "path": "/auth/x", "headers": [], "query_string": b""}
 
     async def receive() -> Message:
         return {"type": "http.disconnect"}
@@ -262,17 +283,12 @@ async def test_no_answer_is_logged_as_client_closed_499(
     assert line["status"] == 499
 
 
-async def test_non_http_scopes_pass_through_untouched() -> None:
-    seen: list[Scope] = []
-
-    async def inner(scope: Scope, receive: Receive, send: Send) -> None:
-        seen.append(scope)
-
-    metrics = GatewayMetrics()
-    app = AccessLogMiddleware(inner, metrics=metrics, settings=LogSettings.model_validate({}))
+async def test_other_scopes_are_not_requests() -> None:
+    inner = Inner()
+    app, metrics = _middleware(inner)
     scope: dict[str, Any] = {"type": "lifespan"}
     await app(scope, _never_receive, _never_send)
-    assert seen == [{"type": "lifespan"}]
+    assert inner.headers == []  # never called
     assert _metric(metrics, "gateway_requests_total", route="gateway", status="200") == 0
 
 
@@ -291,7 +307,7 @@ async def test_every_line_logged_during_a_request_carries_its_id() -> None:
     try:
         app, _ = _middleware(Inner())
         async with _client(app) as client:
-            await client.get("/api/x", headers={"X-Request-ID": "rid-2"})
+            await client.get("/auth/x", headers={"X-Request-ID": "rid-2"})
     finally:
         inner_logger.removeHandler(handler)
     [line] = handler.lines
@@ -358,7 +374,7 @@ async def test_gateway_forwards_request_id_and_traceparent_untouched(
     assert ("x-request-id", "rid-up") in first and ("traceparent", TRACEPARENT) in first
     second = {k.lower(): v for k, v in upstream.calls[1][1]}
     assert second["x-request-id"] == generated.headers["x-request-id"] != "bad id"
-    await app.state.gateway.shutdown()
+    await app.state.services.shutdown()
 
 
 # -- health: liveness and readiness, outside auth and CSRF ------------------------------------
@@ -371,7 +387,7 @@ async def test_healthz_and_readyz_need_no_session_nor_csrf(idp: respx.MockRouter
     async with _client(app) as client:
         health = await client.get("/healthz", headers=CROSS_SITE)
         ready = await client.get("/readyz", headers=CROSS_SITE)
-    await app.state.gateway.shutdown()
+    await app.state.services.shutdown()
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert ready.status_code == 200
     assert ready.json() == {"ready": True, "checks": {"idp": "ok", "store": "ok"}}
@@ -388,7 +404,7 @@ async def test_readyz_is_503_until_discovery_and_jwks_load_while_healthz_stays_2
         alive = await client.get("/healthz")
         jwks_route.respond(json=jwks())
         ready = await client.get("/readyz")
-    await app.state.gateway.shutdown()
+    await app.state.services.shutdown()
     assert not_ready.status_code == 503
     assert not_ready.json() == {"ready": False, "checks": {"idp": "idp_unavailable", "store": "ok"}}
     assert alive.status_code == 200
@@ -405,7 +421,7 @@ async def test_readyz_is_503_when_the_session_store_is_unreachable(idp: respx.Mo
     app = create_app(make_settings(session=session))
     async with _client(app) as client:
         ready = await client.get("/readyz")
-    await app.state.gateway.shutdown()
+    await app.state.services.shutdown()
     assert ready.status_code == 503
     assert ready.json() == {
         "ready": False,

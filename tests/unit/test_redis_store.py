@@ -24,7 +24,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.crypto import SessionCipher
-from gateway.errors import ConfigError, LoginRequired, SessionStoreUnavailable
+from gateway.errors import ConfigError, SessionEnded, SessionStoreUnavailable
 from gateway.sessions import CachedToken, Session
 from gateway.sessions.redis import DECODED_CACHE_SIZE, RedisSessionStore
 from gateway.settings import Settings
@@ -595,7 +595,7 @@ async def test_redis_store_delete_during_refresh_prevents_resurrection(
     await store.save(session)
     async with store.refresh_lock(session.id):
         await store.delete(session.id)  # logout while an exchange is in flight
-        with pytest.raises(LoginRequired):  # 401 login_required, not a 503
+        with pytest.raises(SessionEnded):  # the broker answers it 401 login_required, not a 503
             await store.save(replace(session, refresh_token="rt-2", rt_version=1))
     assert await store.load(session.id) is None
 

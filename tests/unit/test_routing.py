@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import InvalidPath
-from gateway.proxy_endpoint import _plain_path
+from gateway.own_paths import is_owned_path
+from gateway.proxy_endpoint import proxied_path
 from gateway.routing import RouteTable, normalize_path
 from gateway.settings import RouteSettings
 
@@ -147,7 +148,14 @@ def test_the_proxys_plain_path_shortcut_equals_normalize_path(raw: str) -> None:
     except InvalidPath:
         expected = InvalidPath
     try:
-        got: str | type[InvalidPath] = _plain_path(raw)
+        got: str | type[InvalidPath] = proxied_path(raw)
     except InvalidPath:
         got = InvalidPath
     assert got == expected
+
+
+@pytest.mark.parametrize("raw", ["/%61uth/me", "/x/../metrics", "/api/%2e%2e/healthz", "/./auth/"])
+def test_a_path_that_only_normalises_to_an_own_path_is_never_proxied(raw: str) -> None:
+    assert is_owned_path(normalize_path(raw))
+    with pytest.raises(InvalidPath):
+        proxied_path(raw)

@@ -342,7 +342,7 @@ async def test_app_relays_only_paths_inside_the_route(raw_path: str) -> None:
             app, {"method": "GET", "path": raw_path, "query": "", "headers": [], "body": b""}
         )
     assert status in (200, 400, 404)
-    route = next(iter(app.state.gateway.routes))
+    route = next(iter(app.state.services.routes))
     for url, _ in upstream.calls:
         assert_within_route(route, url)
     assert (status == 200) == bool(upstream.calls)

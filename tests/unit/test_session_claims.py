@@ -166,7 +166,7 @@ async def test_login_me_and_logout_read_the_compact_session(idp: respx.MockRoute
         )
         assert callback.status_code == 302, callback.text
         cookie = callback.headers.get_list("set-cookie")[0].split(";")[0]
-        store = app.state.gateway.store
+        store = app.state.services.store
         assert isinstance(store, MemorySessionStore) and len(store) == 1
         held = next(iter(store._sessions.values()))[0]
         assert isinstance(held.claims, Claims)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gateway.crypto import SessionCipher
-from gateway.errors import LoginRequired
+from gateway.errors import SessionEnded
 from gateway.sessions import CachedToken, MemorySessionStore, Session, SessionStore
 from gateway.sessions.manager import SessionManager
 from tests.unit.test_redis_store import redis_store
@@ -201,7 +201,7 @@ async def test_store_rotated_save_never_revives_a_deleted_session(
     await store.delete(session.id)
     rotated = make_session(clock)
     rotated.refresh_token, rotated.rt_version = "rt-rotated", 1
-    with pytest.raises(LoginRequired):
+    with pytest.raises(SessionEnded):
         await store.save(rotated)
     assert await store.load(session.id) is None
 

@@ -1,9 +1,10 @@
-"""WebSocketRelay and WebSocketConnection: the handshake's refusals, the relay, its limits,
+"""The WebSocket handshake and relay (gateway/websocket/): refusals, the relay, its limits,
 close codes and token-expiry policies.
 
 The browser is a fake ASGI server (two queues); the upstream is a real aiohttp WebSocket server
-on loopback in the same event loop; the gateway is a real ``Gateway`` with a real memory-store
-session, whose token broker hands out unsigned JWTs (the broker has its own tests).
+on loopback in the same event loop; the gateway is the real endpoint on real services with a
+real memory-store session, whose token broker hands out unsigned JWTs (the broker has its own
+tests). Deadlines (idle, lifetime, token expiry) run on a fake clock that the tests move.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import jwt
 import pytest
 from aiohttp import WSMsgType, web
 
-from gateway.app import Gateway
+from gateway.authorize import Authorizer
+from gateway.errors import CSRFCheckFailed
+from gateway.security import check_websocket_origin
+from gateway.services import Services
 from gateway.settings import Settings
-from gateway.websocket import is_origin_allowed
-from gateway.websocket_connection import sendable_code, short_reason, token_times
+from gateway.websocket import WebSocketEndpoint
+from gateway.websocket.relay import sendable_code, short_reason, token_times
 
 from .conftest import API, make_settings
 
@@ -30,8 +34,44 @@ ORIGIN = "https://app.example.com"
 TIMEOUT = 5.0
 
 
-def fake_token(ttl: float, *, n: int = 0) -> str:
-    now = time.time()
+class FakeClock:
+    """The relay's clock, moved by the test: ``sleep_until`` returns once ``advance`` reaches
+    its deadline."""
+
+    def __init__(self) -> None:
+        self._now = 1000.0
+        self._wall = time.time()
+        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
+
+    def now(self) -> float:
+        return self._now
+
+    def wall(self) -> float:
+        return self._wall + (self._now - 1000.0)
+
+    async def sleep_until(self, deadline: float) -> None:
+        if deadline <= self._now:
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (deadline, future)
+        self._sleepers.append(entry)
+        try:
+            await future
+        finally:
+            self._sleepers.remove(entry)
+
+    async def advance(self, seconds: float) -> None:
+        """Move on; wake every sleeper due by then, and let them run."""
+        self._now += seconds
+        for due, future in list(self._sleepers):
+            if due <= self._now and not future.done():
+                future.set_result(None)
+        for _ in range(20):  # a few loop turns: the relay reacts to its deadline
+            await asyncio.sleep(0)
+
+
+def fake_token(ttl: float, *, n: int = 0, now: float | None = None) -> str:
+    now = time.time() if now is None else now
     claims = {"aud": API, "sub": "alice", "iat": int(now), "exp": now + ttl, "n": n}
     return jwt.encode(claims, "k" * 32, algorithm="HS256")
 
@@ -179,24 +219,25 @@ class Browser:
 
 
 class Harness:
-    def __init__(self, gateway: Gateway, cookie: str) -> None:
+    def __init__(self, gateway: Services, endpoint: WebSocketEndpoint, cookie: str) -> None:
         self.gateway = gateway
+        self.endpoint = endpoint
+        self.clock = FakeClock()
+        endpoint._clock = self.clock
         self.cookie = cookie
         self.tokens: list[str] = []
         self.ttl = 3600.0
         self.tasks: list[asyncio.Task[None]] = []
 
     async def access_token(self, session: Any, route: Any) -> str:
-        token = fake_token(self.ttl, n=len(self.tokens))
+        token = fake_token(self.ttl, n=len(self.tokens), now=self.clock.wall())
         self.tokens.append(token)
         return token
 
     def open(self, path: str, **options: Any) -> Browser:
         browser = Browser(path, cookie=options.pop("cookie", self.cookie), **options)
         self.tasks.append(
-            asyncio.create_task(
-                self.gateway.websockets(browser.scope, browser.receive, browser.send)
-            )
+            asyncio.create_task(self.endpoint(browser.scope, browser.receive, browser.send, path))
         )
         return browser
 
@@ -232,16 +273,32 @@ def ws_settings(upstream_url: str, **route: Any) -> Settings:
 async def start_harness(
     monkeypatch: pytest.MonkeyPatch, upstream: Upstream, **route: Any
 ) -> Harness:
-    gateway = Gateway(ws_settings(upstream.url, **route))
-
-    async def started() -> None:
-        return None
-
-    monkeypatch.setattr(gateway, "ensure_started", started)
+    settings = ws_settings(upstream.url, **route)
+    gateway = Services(settings)
+    gateway.started = True  # no IdP here: the broker is replaced below
+    endpoint = WebSocketEndpoint(
+        routes=gateway.routes,
+        authorizer=Authorizer(
+            services=gateway,
+            sessions=gateway.sessions,
+            broker=gateway.broker,
+            csrf_header=settings.csrf.header,
+            csrf_value=settings.csrf.value,
+            allowed_origins=settings.allowed_origins,
+        ),
+        connections=gateway.connections,
+        gateway_cookies=gateway.sessions.cookie_names_bytes,
+        max_header_bytes=settings.limits.max_header_bytes,
+        public_scheme=gateway.public_scheme,
+        public_host=gateway.public_host,
+        login_url=gateway.login_url,
+        token_skew=settings.tokens.skew,
+    )
     _, set_cookie = await gateway.sessions.create(
         sub="alice", sid=None, refresh_token="rt", id_token=None, claims={}
     )
-    harness = Harness(gateway, set_cookie.split(";")[0])
+    harness = Harness(gateway, endpoint, set_cookie.split(";")[0])
+    monkeypatch.setattr(gateway.broker, "cached_token", lambda *args: None)
     monkeypatch.setattr(gateway.broker, "access_token", harness.access_token)
     return harness
 
@@ -260,7 +317,7 @@ async def make_harness(monkeypatch: pytest.MonkeyPatch, upstream: Upstream) -> A
         for task in harness.tasks:
             task.cancel()
         await asyncio.gather(*harness.tasks, return_exceptions=True)
-        await harness.gateway.websockets.close()
+        await harness.endpoint.close()
         await harness.gateway.idp_http.aclose()
 
 
@@ -312,8 +369,12 @@ ORIGINS = [
 
 
 @pytest.mark.parametrize(("origin", "required", "allowed"), ORIGINS)
-def test_is_origin_allowed(origin: str | None, required: bool, allowed: bool) -> None:
-    assert is_origin_allowed(origin, [ORIGIN], required=required) is allowed
+def test_check_websocket_origin(origin: str | None, required: bool, allowed: bool) -> None:
+    if allowed:
+        check_websocket_origin(origin, [ORIGIN], required=required)
+    else:
+        with pytest.raises(CSRFCheckFailed):
+            check_websocket_origin(origin, [ORIGIN], required=required)
 
 
 # -- the handshake ----------------------------------------------------------------------------
@@ -468,28 +529,34 @@ async def test_idle_timeout_closes_with_4408(make_harness: Any) -> None:
     harness = await make_harness(websocket_idle_timeout="200ms")
     browser = harness.open("/ws/echo")
     await browser.wait_for("websocket.accept")
-    started = time.monotonic()
-    for _ in range(3):  # activity keeps it open
-        await asyncio.sleep(0.1)
+    for count in range(1, 4):  # activity keeps it open past the idle time
+        await harness.clock.advance(0.15)
         browser.say("still here")
+        await browser.wait_for("websocket.send", count)
+    assert not [m for m in browser.sent if m["type"] == "websocket.close"]
+    await harness.clock.advance(0.1)  # 0.1 s since the last message: still open
+    assert not [m for m in browser.sent if m["type"] == "websocket.close"]
+    await harness.clock.advance(0.15)
     assert (await browser.closed()) == (4408, "idle timeout")
-    assert time.monotonic() - started >= 0.45
 
 
 async def test_max_lifetime_closes_with_1001(make_harness: Any) -> None:
     harness = await make_harness(websocket_max_lifetime="300ms")
-    browser = harness.open("/ws/ticks")
-    started = time.monotonic()
+    browser = harness.open("/ws/echo")
+    await browser.wait_for("websocket.accept")
+    await harness.clock.advance(0.25)
+    assert not [m for m in browser.sent if m["type"] == "websocket.close"]
+    await harness.clock.advance(0.1)
     code, reason = await browser.closed()
     assert (code, reason) == (1001, "maximum connection lifetime reached")
-    assert 0.25 <= time.monotonic() - started < 2
 
 
 async def test_token_expiry_keep_leaves_the_connection_open(make_harness: Any) -> None:
     harness = await make_harness()
     harness.ttl = 0.3
     browser = harness.open("/ws/echo")
-    await asyncio.sleep(0.6)
+    await browser.wait_for("websocket.accept")
+    await harness.clock.advance(0.6)
     browser.say("after expiry")
     await browser.wait_for("websocket.send")
     assert not [m for m in browser.sent if m["type"] == "websocket.close"]
@@ -499,6 +566,10 @@ async def test_token_expiry_close_closes_with_4401(make_harness: Any) -> None:
     harness = await make_harness(websocket_token_expiry="close")
     harness.ttl = 0.5
     browser = harness.open("/ws/echo")
+    await browser.wait_for("websocket.accept")
+    await harness.clock.advance(0.4)
+    assert not [m for m in browser.sent if m["type"] == "websocket.close"]
+    await harness.clock.advance(0.2)
     assert await browser.closed() == (4401, "access token expired")
 
 
@@ -509,13 +580,17 @@ async def test_token_expiry_reconnect_swaps_in_a_fresh_upstream(
     harness.ttl = 1.0  # due for refresh at half its life
     browser = harness.open("/ws/echo")
     await browser.wait_for("websocket.accept")
+    await harness.clock.advance(0.6)
     async with asyncio.timeout(TIMEOUT):
         while len(upstream.seen) < 2:
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
     browser.say("on the new connection")
     await browser.wait_for("websocket.send")
     assert browser.received == ["on the new connection"]
     assert upstream.seen[1]["headers"]["Authorization"] == f"Bearer {harness.tokens[1]}"
+    async with asyncio.timeout(TIMEOUT):
+        while not upstream.closes:
+            await asyncio.sleep(0.01)
     assert upstream.closes[0][0] == 1000  # the old upstream connection, closed normally
     assert not [m for m in browser.sent if m["type"] == "websocket.close"]
 

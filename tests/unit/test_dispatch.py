@@ -1,9 +1,6 @@
-"""The proxy's fast path (ProxyFastPath): what the skipped middlewares did, it does itself.
-
-Proxied requests bypass Starlette's error middleware, AccessLogMiddleware and
-SecurityHeadersMiddleware; these tests hold the fast path to the same contract through the real
-app: request ids in and out, metrics and the access line, security headers on the gateway's own
-answers only, a JSON 500 for an unexpected error, and the gateway's own paths still routed.
+"""The one way in (gateway/dispatch.py), through the real app: request ids in and out, metrics
+and the access line, security headers on the gateway's own answers only, a JSON 500 for an
+unexpected error, the gateway's own paths, and the same steps when mounted under a sub-path.
 """
 
 from __future__ import annotations
@@ -73,7 +70,7 @@ def access_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 def _metric(app: Starlette, name: str, **labels: str) -> float | None:
-    value = app.state.gateway.metrics.registry.get_sample_value(name, labels)
+    value = app.state.services.metrics.registry.get_sample_value(name, labels)
     return value if value is None else float(value)
 
 
@@ -208,22 +205,15 @@ async def test_unexpected_error_is_a_json_500_logged_by_type_only(
     assert "secret-detail" not in caplog.text and "path-secret-42" not in ours
 
 
-async def test_gateway_paths_and_mounted_apps_still_take_the_router() -> None:
+async def test_gateway_paths_and_mounted_apps_take_the_same_way_in() -> None:
     app = create_app(make_settings(), upstream=RecordingUpstream())
-    fast_path = app.fast_path  # type: ignore[attr-defined]
-    assert fast_path is not None
-    for path in ("/healthz", "/metrics", "/auth/login", "/auth/callback"):
-        assert not fast_path.claims({"type": "http", "path": path})
-    assert not fast_path.claims({"type": "http", "path": "/status/x", "root_path": "/gw"})
-    assert not fast_path.claims({"type": "websocket", "path": "/status/x"})
-    assert fast_path.claims({"type": "http", "path": "/status/x"})
     async with _client(app) as client:
         health = await client.get("/healthz")
         assert health.status_code == 200 and health.json() == {"status": "ok"}
-        # The gateway's own paths keep getting their headers from the middleware.
+        # Every answer on the gateway's own paths gets the security headers and no-store.
         assert health.headers["cache-control"] == "no-store"
         assert all(name in health.headers for name in SECURITY)
-        # Not a gateway path (the proxy answers it either way): the same headers.
+        # Under /auth/ but no endpoint: the gateway's 404, never proxied, the same headers.
         other = await client.get("/auth/anything")
         assert other.status_code == 404 and other.headers["cache-control"] == "no-store"
         assert all(name in other.headers for name in SECURITY)
@@ -233,13 +223,45 @@ async def test_gateway_paths_and_mounted_apps_still_take_the_router() -> None:
 
     # As the README shows: the embedding app's own routes first, the gateway mounted at "/".
     outer = Starlette(routes=[Route("/mine", mine), Mount("/", app)])
-    upstream = app.state.gateway.upstream
+    upstream = app.state.services.upstream
     async with _client(outer) as client:
         own = await client.get("/mine")
         mounted = await client.get("/status/x")
     assert own.text == "mine" and "x-request-id" not in own.headers
     assert mounted.status_code == 200 and len(mounted.headers["x-request-id"]) == 32
     assert upstream.calls[-1][0] == "http://127.0.0.1:9/x"
+
+    # Under a sub-path: the same dispatcher sees the path below the mount point.
+    below = Starlette(routes=[Mount("/gw", app)])
+    async with _client(below) as client:
+        proxied = await client.get("/gw/status/y?q=1")
+        health = await client.get("/gw/healthz")
+        missing = await client.get("/gw/nothing/here")
+    assert proxied.status_code == 200 and upstream.calls[-1][0] == "http://127.0.0.1:9/y?q=1"
+    assert health.status_code == 200 and all(name in health.headers for name in SECURITY)
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    assert all(name in missing.headers for name in SECURITY)
+
+
+async def test_a_static_site_sits_in_front_of_the_proxy_in_the_same_way_in(
+    tmp_path: Any,
+) -> None:
+    (tmp_path / "index.html").write_text("<h1>page</h1>")
+    upstream = RecordingUpstream()
+    app = create_app(make_settings(static={"directory": str(tmp_path)}), upstream=upstream)
+    async with _client(app) as client:
+        page = await client.get("/", headers={"X-Request-ID": "page-1"})
+        proxied = await client.get("/status/x")
+        missing = await client.get("/missing.js")
+        health = await client.get("/healthz")
+    assert page.status_code == 200 and page.text == "<h1>page</h1>"
+    assert page.headers["x-request-id"] == "page-1" and "x-frame-options" not in page.headers
+    assert proxied.status_code == 200 and upstream.calls[-1][0] == "http://127.0.0.1:9/x"
+    # The static site's 404 comes from the one error renderer: JSON, security headers, an id.
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    assert all(name in missing.headers for name in SECURITY)
+    assert len(missing.headers["x-request-id"]) == 32
+    assert health.status_code == 200 and health.headers["cache-control"] == "no-store"
 
 
 class OneReadUpstream(RecordingUpstream):
@@ -338,8 +360,8 @@ def test_request_body_limits_and_whether_there_is_a_body(
     method: str, found: dict[bytes, str], outcome: object
 ) -> None:
     app = create_app(LIMITED, upstream=RecordingUpstream())
-    endpoint = app.fast_path.endpoint  # type: ignore[attr-defined]
-    route = app.state.gateway.routes.match("/status/x")
+    endpoint = app.dispatcher._proxy  # type: ignore[attr-defined]
+    route = app.state.services.routes.match("/status/x")
 
     async def receive() -> dict[str, Any]:
         raise AssertionError("not read here")
@@ -392,7 +414,7 @@ async def test_each_route_forwards_cookies_by_its_own_setting_whatever_came_befo
     )
     upstream = RecordingUpstream()
     app = create_app(settings, upstream=upstream)
-    own = app.state.gateway.sessions.cookie_name
+    own = app.state.services.sessions.cookie_name
     cookie = {"Cookie": f"{own}=secret; theme=dark"}
     async with _client(app) as client:
         for path in ("/open/x", "/status/x", "/open/x", "/status/x"):

@@ -31,17 +31,16 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import aiohttp
 from starlette.types import Message, Receive, Send
 
-from .connections import GOING_AWAY, SESSION_ENDED
-from .errors import Forbidden, GatewayError, LoginRequired
-from .tokens import unverified_claims
-
-if TYPE_CHECKING:
-    from .websocket import Upgrade, WebSocketRelay
+from ..connections import GOING_AWAY, SESSION_ENDED, ConnectionRegistry
+from ..errors import Forbidden, GatewayError, LoginRequired
+from ..routing import Route
+from ..sessions.base import Session
+from ..tokens import unverified_claims
 
 logger = logging.getLogger("gateway.websocket")
 
@@ -79,6 +78,59 @@ def token_times(token: str | None) -> tuple[float, float] | None:
     return (float(iat) if isinstance(iat, int | float) else 0.0), float(exp)
 
 
+class Clock(Protocol):
+    """The relay's time: deadlines (idle, lifetime, session and token expiry) are measured and
+    waited for on it, so tests can move it instead of sleeping."""
+
+    def now(self) -> float:
+        """Monotonic seconds."""
+
+    def wall(self) -> float:
+        """Seconds since the epoch (session and token expiry are wall times)."""
+
+    async def sleep_until(self, deadline: float) -> None:
+        """Return once :meth:`now` has reached ``deadline``."""
+
+
+class LoopClock:
+    """The running event loop's clock and the system's wall clock."""
+
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def wall(self) -> float:
+        return time.time()
+
+    async def sleep_until(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - self.now()))
+
+
+@dataclass(slots=True)
+class Upgrade:
+    """What a checked upgrade needs to open (and later reopen) its upstream connection."""
+
+    route: Route
+    url: str
+    headers: list[tuple[str, str]]  # without Authorization
+    subprotocols: list[str]
+    session: Session | None
+    policy_headers: dict[bytes, str]  # what the authorization policy reads, for a reconnect
+
+    def __repr__(self) -> str:
+        return f"Upgrade(route={self.route.name!r})"
+
+
+class UpstreamOpener(Protocol):
+    """Opens upstream connections for an upgrade (the handshake endpoint)."""
+
+    async def token_for(self, upgrade: Upgrade, *, fresh_session: bool = False) -> str | None:
+        """The route's token; ``fresh_session``: authorize again (a reconnect)."""
+
+    async def connect(
+        self, upgrade: Upgrade, token: str | None, subprotocols: list[str]
+    ) -> aiohttp.ClientWebSocketResponse: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Closing:
     """How a relay ends: the close frame for each side, None for a side that is gone."""
@@ -94,15 +146,21 @@ class WebSocketConnection:
 
     def __init__(
         self,
-        relay: WebSocketRelay,
+        opener: UpstreamOpener,
         upgrade: Upgrade,
         upstream: aiohttp.ClientWebSocketResponse,
         token: str | None,
         receive: Receive,
         send: Send,
+        *,
+        registry: ConnectionRegistry,
+        skew: float,
+        clock: Clock,
     ) -> None:
-        self._relay = relay
-        self._gw = relay.gateway
+        self._opener = opener
+        self._registry = registry
+        self._skew = skew  # the broker's refresh margin (reconnect when it would refresh)
+        self._clock = clock
         self._upgrade = upgrade
         self._ws = upstream
         self._token = token
@@ -112,8 +170,7 @@ class WebSocketConnection:
         self._policy = settings.websocket_token_expiry
         self._max_bytes = settings.websocket_max_message_bytes
         self._idle = settings.websocket_idle_timeout
-        self._loop = asyncio.get_running_loop()
-        now = self._loop.time()
+        now = clock.now()
         self._last_activity = now
         self._lifetime_at = (
             now + settings.websocket_max_lifetime if settings.websocket_max_lifetime else None
@@ -148,7 +205,7 @@ class WebSocketConnection:
         except OSError:  # the browser left during the upstream handshake
             await self._close_upstream(self._ws, GOING_AWAY, "client went away")
             return
-        registry = self._gw.connections
+        registry = self._registry
         if self._session_id is not None:
             registry.register(self._session_id, self)
         try:
@@ -163,17 +220,21 @@ class WebSocketConnection:
         stop = asyncio.create_task(self._stop.wait())
         try:
             while self._closing is None:
+                waiting: set[asyncio.Task[object]] = {self._from_browser, self._from_upstream, stop}
                 deadline = self._next_deadline()
-                timeout = None if deadline is None else max(0.0, deadline - self._loop.time())
-                done, _ = await asyncio.wait(
-                    {self._from_browser, self._from_upstream, stop},
-                    timeout=timeout,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                timer = None
+                if deadline is not None:
+                    timer = asyncio.create_task(self._clock.sleep_until(deadline))
+                    waiting.add(timer)
+                try:
+                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    if timer is not None:
+                        timer.cancel()
                 for task in (self._from_browser, self._from_upstream):
                     if task in done and not task.cancelled():
                         self._finish(self._outcome(task))
-                if not done:
+                if self._closing is None and timer is not None and timer in done:
                     await self._on_deadline()
         except asyncio.CancelledError:  # the server gave up waiting for us (shutdown)
             self._finish(Closing((GOING_AWAY, "going away"), (GOING_AWAY, "going away")))
@@ -257,7 +318,7 @@ class WebSocketConnection:
                 size = 0
             if size > limit:
                 return Closing((TOO_BIG, "message too big"), (GOING_AWAY, "client message too big"))
-            self._last_activity = self._loop.time()
+            self._last_activity = self._clock.now()
             if not await self._send_upstream(text, data):
                 return Closing((BAD_GATEWAY, "upstream connection lost"), None)
 
@@ -292,7 +353,7 @@ class WebSocketConnection:
                 return Closing((TOO_BIG, "upstream message too big"), None)
             else:  # ERROR, CLOSED: the connection broke without a close frame
                 return Closing((BAD_GATEWAY, "upstream connection lost"), None)
-            self._last_activity = self._loop.time()
+            self._last_activity = self._clock.now()
             try:
                 await self._send(out)
             except OSError:
@@ -301,7 +362,7 @@ class WebSocketConnection:
     # -- deadlines: session expiry, lifetime, idle, token expiry ---------------------------
 
     def _at(self, wall_time: float) -> float:
-        return self._loop.time() + (wall_time - time.time())
+        return self._clock.now() + (wall_time - self._clock.wall())
 
     def _plan_token(self, token: str | None) -> None:
         times = token_times(token) if self._policy != "keep" else None
@@ -313,7 +374,7 @@ class WebSocketConnection:
         if self._policy == "close":
             self._token_at = self._token_exp
         else:  # reconnect when the broker would refresh it (TokenBroker._due)
-            skew = self._gw.settings.tokens.skew
+            skew = self._skew
             self._token_at = self._at(exp - min(skew, (exp - iat) / 2 if iat else skew))
 
     def _next_deadline(self) -> float | None:
@@ -322,7 +383,7 @@ class WebSocketConnection:
         return min((t for t in times if t is not None), default=None)
 
     async def _on_deadline(self) -> None:
-        now = self._loop.time()
+        now = self._clock.now()
         if self._session_at is not None and now >= self._session_at:
             self._finish(Closing((SESSION_ENDED, "session expired"), (GOING_AWAY, "")))
         elif self._lifetime_at is not None and now >= self._lifetime_at:
@@ -339,9 +400,9 @@ class WebSocketConnection:
 
     async def _reconnect(self) -> None:
         """Open a new upstream connection with a fresh token and swap it in."""
-        relay, upgrade = self._relay, self._upgrade
+        opener, upgrade = self._opener, self._upgrade
         try:
-            token = await relay.token_for(upgrade, fresh_session=True)
+            token = await opener.token_for(upgrade, fresh_session=True)
         except LoginRequired:
             self._finish(Closing((SESSION_ENDED, "session ended"), (GOING_AWAY, "")))
             return
@@ -355,7 +416,7 @@ class WebSocketConnection:
             return
         protocol = self._ws.protocol
         try:
-            new = await relay.connect(upgrade, token, [protocol] if protocol else [])
+            new = await opener.connect(upgrade, token, [protocol] if protocol else [])
         except GatewayError:
             self._retry_or_give_up()
             return
@@ -380,7 +441,7 @@ class WebSocketConnection:
         self.reconnects += 1
 
     def _retry_or_give_up(self) -> None:
-        now = self._loop.time()
+        now = self._clock.now()
         if self._token_exp is not None and now + _RETRY >= self._token_exp:
             self._finish(
                 Closing(

@@ -5,15 +5,14 @@ answer through the ASGI ``websocket.http.response`` extension when the server ha
 uvicorn does; else a close before accept, code 4000 + status, which servers send as a 403):
 
 1. a route with ``websocket: true`` matches (else 404);
-2. ``Origin`` is one of the allowed origins (403). Browsers send cookies on cross-site
-   upgrades and WebSockets have no CORS, so without this check any site could open the user's
-   socket (cross-site WebSocket hijacking). The anti-CSRF header cannot be set on a browser
-   WebSocket, so the Origin check is the defence; it is required on token routes;
-3. the session from the cookie (401 ``login_required``), then the route's token (401/403/503);
-4. the upstream upgrade with ``Authorization: Bearer``, the browser's subprotocols and the
+2. the one authorization policy (``authorize.py``): on a token route the session from the
+   cookie (401 ``login_required``), the Origin as the anti-CSRF proof (403: a page cannot set
+   the anti-CSRF header on a WebSocket, and without the check any site could open the user's
+   socket: cross-site WebSocket hijacking), then the route's token (401/403/503);
+3. the upstream upgrade with ``Authorization: Bearer``, the browser's subprotocols and the
    usual forwarded headers (502/504); the browser is accepted with the subprotocol it chose.
 
-The relay (``websocket_connection.py``) carries text, binary and close frames both ways, close
+The relay (``relay.py``) carries text, binary and close frames both ways, close
 codes and reasons as sent. ASGI has no ping frames, so pings are per hop, never relayed: the
 ASGI server answers the browser's and sends its own (uvicorn ``ws_ping_interval``); aiohttp
 answers the upstream's and sends its own (``HEARTBEAT``).
@@ -29,31 +28,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
 from yarl import URL
 
-from .errors import (
-    CSRFCheckFailed,
+from ..authorize import Authorizer
+from ..connections import ConnectionRegistry
+from ..errors import (
     GatewayError,
     HeadersTooLarge,
     LoginRequired,
     NotFound,
     UpstreamError,
+    as_gateway_error,
     render_error,
 )
-from .headers import build_upstream_headers, first_header
-from .observability import incoming_request_id, new_request_id
-from .proxy import map_upstream_error
-from .routing import Route, normalize_path
-from .websocket_connection import WebSocketConnection
-
-if TYPE_CHECKING:
-    from .app import Gateway
-    from .sessions.base import Session
+from ..headers import build_upstream_headers, read_headers
+from ..observability import incoming_request_id, new_request_id
+from ..own_paths import is_owned_path
+from ..proxy import map_upstream_error
+from ..routing import RouteTable, normalize_path
+from .relay import Clock, LoopClock, Upgrade, WebSocketConnection
 
 logger = logging.getLogger("gateway.websocket")
 
@@ -70,82 +66,82 @@ _HANDSHAKE_HEADERS = frozenset(
 )
 
 
-def is_origin_allowed(origin: str | None, allowed: list[str], *, required: bool) -> bool:
-    """Browsers always send ``Origin`` on a WebSocket upgrade (RFC 6455 §4.1); a request without
-    one is not from a browser page, and is refused where the session cookie would be used."""
-    if origin is None:
-        return not required
-    return origin != "null" and origin in allowed
+class WebSocketEndpoint:
+    """The gateway's WebSocket entry: handshake, then a :class:`WebSocketConnection`."""
 
-
-@dataclass(slots=True)
-class Upgrade:
-    """What a checked upgrade needs to open (and later reopen) its upstream connection."""
-
-    route: Route
-    url: str
-    headers: list[tuple[str, str]]  # without Authorization
-    subprotocols: list[str]
-    session: Session | None
-    cookie: str | None
-
-    def __repr__(self) -> str:
-        return f"Upgrade(route={self.route.name!r})"
-
-
-class WebSocketRelay:
-    """The gateway's WebSocket endpoint: handshake, then a :class:`WebSocketConnection`."""
-
-    def __init__(self, gateway: Gateway) -> None:
-        self._gw = gateway
+    def __init__(
+        self,
+        *,
+        routes: RouteTable,
+        authorizer: Authorizer,
+        connections: ConnectionRegistry,
+        gateway_cookies: frozenset[bytes],
+        max_header_bytes: int,
+        public_scheme: str,
+        public_host: str,
+        login_url: str,
+        token_skew: float,
+        clock: Clock | None = None,
+    ) -> None:
+        self._routes = routes
+        self._authorizer = authorizer
+        self._connections = connections
+        self._gateway_cookies = gateway_cookies
+        self._max_header_bytes = max_header_bytes
+        self._public_scheme = public_scheme
+        self._public_host = public_host
+        self._login_url = login_url
+        self._token_skew = token_skew
+        self._clock = clock or LoopClock()
         self._session: aiohttp.ClientSession | None = None
         self.opened = 0  # counters (observability, tests)
         self.refused = 0
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, raw_path: str) -> None:
+        """Answer one upgrade; ``raw_path``: the path as sent, below the mount point."""
         message = await receive()
         if message["type"] != "websocket.connect":
             return
+        route_name = "unmatched"
         try:
-            upgrade = await self._check(scope)
+            upgrade = await self._check(scope, raw_path)
+            route_name = upgrade.route.name
             token = await self.token_for(upgrade)
             upstream = await self.connect(upgrade, token, upgrade.subprotocols)
         except GatewayError as exc:
             self.refused += 1
-            await _refuse(scope, send, exc)
+            await _refuse(scope, send, as_gateway_error(exc, route_name))
             return
         self.opened += 1
-        connection = WebSocketConnection(self, upgrade, upstream, token, receive, send)
+        connection = WebSocketConnection(
+            self,
+            upgrade,
+            upstream,
+            token,
+            receive,
+            send,
+            registry=self._connections,
+            skew=self._token_skew,
+            clock=self._clock,
+        )
         await connection.run()
 
-    async def _check(self, scope: Scope) -> Upgrade:
-        gw = self._gw
-        await gw.ensure_started()
-        if sum(len(k) + len(v) for k, v in scope["headers"]) > gw.settings.limits.max_header_bytes:
+    async def _check(self, scope: Scope, raw_path: str) -> Upgrade:
+        if sum(len(k) + len(v) for k, v in scope["headers"]) > self._max_header_bytes:
             raise HeadersTooLarge("the request headers are too large")
-        raw_path = scope.get("raw_path") or scope["path"].encode()
-        path = normalize_path(raw_path.decode("latin-1"))
-        route = gw.routes.match(path)
-        if route is None or not route.settings.websocket:
+        path = normalize_path(raw_path)
+        route = self._routes.match(path)
+        if route is None or not route.settings.websocket or is_owned_path(path):
             raise NotFound("no WebSocket route matches this path")
-        origin = first_header(scope["headers"], b"origin")
-        if not is_origin_allowed(origin, gw.settings.allowed_origins, required=route.needs_token):
-            raise CSRFCheckFailed("WebSocket upgrade from an origin that is not allowed")
-        cookie = first_header(scope["headers"], b"cookie")
-        session = None
-        if route.needs_token:
-            session = await gw.sessions.current(cookie)
-            if session is None:
-                raise LoginRequired("no valid session", login_url=gw.login_url)
         query = scope.get("query_string", b"").decode("latin-1")
         url = route.upstream_url(path, query)
         url = "ws" + url[4:] if url.startswith("http") else url  # http(s):// -> ws(s)://
         headers = build_upstream_headers(
             [(k, v) for k, v in scope["headers"] if k not in _HANDSHAKE_HEADERS],
-            gateway_cookies=gw.sessions.cookie_names_bytes,
+            gateway_cookies=self._gateway_cookies,
             client_ip=(scope.get("client") or ("unknown", 0))[0],
-            proto=gw.public_scheme,
-            host=gw.public_host,
+            proto=self._public_scheme,
+            host=self._public_host,
             bearer=None,
             forward_cookies=route.forward_cookies,
             # As on HTTP: a valid X-Request-ID goes on, anything else gives way to a new one.
@@ -156,22 +152,28 @@ class WebSocketRelay:
             url=url,
             headers=headers,
             subprotocols=list(scope.get("subprotocols") or ()),
-            session=session,
-            cookie=cookie,
+            session=None,
+            policy_headers=read_headers(scope["headers"], self._authorizer.wanted),
         )
 
     async def token_for(self, upgrade: Upgrade, *, fresh_session: bool = False) -> str | None:
-        """The route's access token (None on a public route); ``fresh_session`` reloads the
-        session first (a reconnect: it may have ended or rotated since the upgrade)."""
-        if upgrade.session is None:
-            return None
-        session = upgrade.session
-        if fresh_session:
-            current = await self._gw.sessions.current(upgrade.cookie)
-            if current is None or current.id != session.id:
-                raise LoginRequired("the session has ended", login_url=self._gw.login_url)
-            session = upgrade.session = current
-        return await self._gw.broker.access_token(session, upgrade.route)
+        """The authorization policy's token for the upgrade (None on a public route).
+
+        ``fresh_session``: a reconnect runs the policy again (the session may have ended or
+        rotated since the upgrade) and must find the same session.
+        """
+        session, token = await self._authorizer.authorize(
+            upgrade.route,
+            "GET",
+            upgrade.policy_headers,
+            login_url=self._login_url,
+            websocket=True,
+        )
+        if fresh_session and upgrade.session is not None:
+            if session is None or session.id != upgrade.session.id:
+                raise LoginRequired("the session has ended", login_url=self._login_url)
+        upgrade.session = session
+        return token
 
     async def connect(
         self, upgrade: Upgrade, token: str | None, subprotocols: list[str]
@@ -202,10 +204,6 @@ class WebSocketRelay:
         except Exception as exc:
             raise map_upstream_error(exc, route.name) from exc
 
-    @property
-    def gateway(self) -> Gateway:
-        return self._gw
-
     def _client(self) -> aiohttp.ClientSession:
         # Its own session: upgraded connections are never pooled, and none of the proxy
         # session's settings (decompression, pool limits) apply.
@@ -225,8 +223,6 @@ class WebSocketRelay:
 
 async def _refuse(scope: Scope, send: Send, exc: GatewayError) -> None:
     """Answer the upgrade with the gateway's JSON error, before accepting it."""
-    if exc.status_code >= 500:
-        logger.warning("websocket %s: %s", exc.error, exc.message)
     if "websocket.http.response" in (scope.get("extensions") or {}):
         response = render_error(exc)
         start = {"status": response.status_code, "headers": response.raw_headers}
