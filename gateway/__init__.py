@@ -5,6 +5,6 @@ from __future__ import annotations
 from .app import create_app as create_app
 from .settings import Settings as Settings
 from .settings import load_settings as load_settings
+from .version import __version__ as __version__
 
-__version__ = "0.1.0"
 __all__ = ["Settings", "__version__", "create_app", "load_settings"]

@@ -36,6 +36,7 @@ from .errors import (
 )
 from .hot_metrics import CounterFamily, FastCounter, FastHistogram, HistogramFamily
 from .settings import MetricsSettings, Settings
+from .version import __version__
 
 logger = logging.getLogger("gateway.metrics")
 
@@ -140,8 +141,6 @@ class GatewayMetrics:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> GatewayMetrics:
-        from . import __version__  # the package is fully imported by the time an app is built
-
         audiences = dict.fromkeys(r.audience for r in settings.routes if r.audience)
         return cls(
             routes=[r.name for r in settings.routes], audiences=audiences, version=__version__

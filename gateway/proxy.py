@@ -16,7 +16,7 @@ from typing import Protocol
 import aiohttp
 from yarl import URL
 
-from .errors import PayloadTooLarge, UpstreamError, UpstreamTimeout
+from .errors import GatewayError, UpstreamError, UpstreamTimeout
 
 logger = logging.getLogger("gateway.proxy")
 
@@ -104,9 +104,9 @@ class AiohttpUpstreamClient:
                 allow_redirects=False,
                 timeout=client_timeout,
             )
-        except PayloadTooLarge:
-            raise
-        except BaseException as exc:
+        except GatewayError:
+            raise  # from the request body: too large, or the client went away
+        except Exception as exc:  # (KeyboardInterrupt, SystemExit, cancellation: not ours)
             raise map_upstream_error(exc, route) from exc
         # Positional: keyword arguments to a class cost a dict per call.
         return UpstreamResponse(
@@ -125,7 +125,7 @@ class AiohttpUpstreamClient:
 
 def map_upstream_error(exc: BaseException, route: str) -> BaseException:
     """aiohttp/asyncio failures -> the error tree (timeouts 504, everything else 502)."""
-    if isinstance(exc, PayloadTooLarge):
+    if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
         return UpstreamTimeout(f"upstream of route {route} timed out")
