@@ -29,6 +29,7 @@ from .errors import (
     LoginRequired,
     RefreshTokenRejected,
 )
+from .jws import VERIFY_ERRORS, key_fits_algorithm
 from .security import tokens_equal
 from .settings import Settings
 
@@ -245,7 +246,7 @@ class OIDCClient:
         Every failure raises ``error`` naming ``what`` was refused, never the token."""
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
+        except VERIFY_ERRORS as exc:
             raise error(f"the {what} is malformed") from exc
         alg = header.get("alg")
         metadata = await self.metadata()
@@ -258,17 +259,21 @@ class OIDCClient:
             key = await self.signing_key(kid if isinstance(kid, str) else None)
         except LoginFailed as exc:
             raise error(f"the {what} is signed with an unknown key") from exc
+        if not key_fits_algorithm(alg, key.key):
+            # An ES256 header naming an RSA key's kid (review item 4): refused here, before
+            # PyJWT would raise TypeError on it.
+            raise error(f"the {what} algorithm {alg} does not fit the key it names")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key=key.key,
-                algorithms=allowed,
+                algorithms=[alg],
                 audience=self._oidc.client_id,
                 issuer=metadata["issuer"],
                 leeway=self._oidc.clock_leeway,
                 options={"require": require},
             )
-        except jwt.PyJWTError as exc:
+        except VERIFY_ERRORS as exc:
             raise error(f"the {what} is invalid ({type(exc).__name__})") from exc
         audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         if len(audiences) > 1 and claims.get("azp") != self._oidc.client_id:
