@@ -20,6 +20,7 @@ never contains a token, cookie or code.
     ├── HeadersTooLarge              431 headers_too_large
     ├── IdentityProviderError        502 idp_error (IdP refused us: misconfiguration)
     ├── IdentityProviderUnavailable  503 idp_unavailable + Retry-After
+    │   └── IdentityProviderRateLimited  the IdP's 429: backs off one session's audience only
     ├── SessionStoreUnavailable      503 session_store_unavailable + Retry-After
     └── UpstreamError                502 upstream_unavailable
         └── UpstreamTimeout          504 upstream_timeout
@@ -134,6 +135,11 @@ class _Unavailable(GatewayError):
 
 class IdentityProviderUnavailable(_Unavailable):
     error = "idp_unavailable"
+
+
+class IdentityProviderRateLimited(IdentityProviderUnavailable):
+    """The IdP answered 429: same answer to the client, but the back-off covers only the
+    session and audience that were refused, not every session (review item 5)."""
 
 
 class SessionStoreUnavailable(_Unavailable):

@@ -23,6 +23,7 @@ from .errors import (
     AudienceNotPermitted,
     GatewayError,
     IdentityProviderError,
+    IdentityProviderRateLimited,
     IdentityProviderUnavailable,
     InsufficientScope,
     LoginFailed,
@@ -30,6 +31,7 @@ from .errors import (
     RefreshTokenRejected,
 )
 from .jws import VERIFY_ERRORS, key_fits_algorithm
+from .retry_after import parse_retry_after
 from .security import tokens_equal
 from .settings import Settings
 
@@ -388,10 +390,17 @@ class OIDCClient:
             raise IdentityProviderUnavailable("the identity provider is unreachable") from exc
         finally:
             self._observe("token", time.perf_counter() - started)
-        if response.status_code == 429 or response.status_code >= 500:
+        if response.status_code == 429:
+            # Refused for this request's sake (a quota), not down: TokenBroker backs off for
+            # what was asked only (review item 5).
+            raise IdentityProviderRateLimited(
+                "the identity provider answered 429",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        if response.status_code >= 500:
             raise IdentityProviderUnavailable(
                 f"the identity provider answered {response.status_code}",
-                retry_after=_retry_after(response),
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
         payload = _json_object(response)
         if response.status_code != 200:
@@ -419,7 +428,8 @@ class OIDCClient:
             self._observe(endpoint, time.perf_counter() - started)
         if response.status_code != 200:
             raise IdentityProviderUnavailable(
-                f"the {what} answered {response.status_code}", retry_after=_retry_after(response)
+                f"the {what} answered {response.status_code}",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
         payload = _json_object(response)
         if payload is None:
@@ -437,11 +447,6 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None
-
-
-def _retry_after(response: httpx.Response, default: int = 5) -> int:
-    value = response.headers.get("retry-after", "")
-    return int(value) if value.isascii() and value.isdigit() else default
 
 
 def _as_str(value: object) -> str | None:

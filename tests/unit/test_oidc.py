@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.errors import (
     AudienceNotPermitted,
     IdentityProviderError,
+    IdentityProviderRateLimited,
     IdentityProviderUnavailable,
     LoginFailed,
     LoginRequired,
@@ -364,3 +365,32 @@ async def test_verify_jwt_maps_whatever_the_verifier_raises(
         monkeypatch.setattr(jwt, "decode", decode)
         with pytest.raises(LoginFailed, match=type(raised).__name__):
             await oidc.validate_id_token(id_token(nonce="n1"), nonce="n1")
+
+
+# -- the IdP's Retry-After, capped the same way at every endpoint --------------------------------
+
+RETRY_AFTER_CAPPED = {"an_hour": "3600", "5000_digits": "9" * 5000}
+
+
+@pytest.mark.parametrize("case", sorted(RETRY_AFTER_CAPPED))
+@pytest.mark.parametrize("status", [429, 503])
+async def test_token_endpoint_retry_after_is_capped(
+    oidc: OIDCClient, idp: respx.MockRouter, case: str, status: int
+) -> None:
+    # Before: "3600" went to the client as is, and 5,000 digits raised ValueError from int().
+    idp.post(TOKEN_URL).respond(status, headers={"Retry-After": RETRY_AFTER_CAPPED[case]})
+    with pytest.raises(IdentityProviderUnavailable) as info:
+        await oidc.refresh("rt", audience=API, scopes=[])
+    assert info.value.headers() == {"Retry-After": "60"}
+    assert isinstance(info.value, IdentityProviderRateLimited) == (status == 429)
+
+
+async def test_discovery_retry_after_is_capped(settings: Settings) -> None:
+    with respx.mock() as router:
+        router.get(ISSUER + ".well-known/openid-configuration").respond(
+            503, headers={"Retry-After": "9" * 5000}
+        )
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(IdentityProviderUnavailable) as info:
+                await OIDCClient(settings, http).metadata()
+    assert info.value.headers() == {"Retry-After": "60"}
