@@ -63,7 +63,7 @@ def create_store(settings: Settings, cipher: SessionCipher) -> SessionStore:
         from .sessions.redis import RedisSessionStore
 
         return RedisSessionStore.from_settings(settings)
-    return MemorySessionStore(idle_timeout=settings.session.idle_timeout)
+    return MemorySessionStore.from_settings(settings)
 
 
 class Gateway:

@@ -22,6 +22,7 @@ never contains a token, cookie or code.
     ├── IdentityProviderUnavailable  503 idp_unavailable + Retry-After
     │   └── IdentityProviderRateLimited  the IdP's 429: backs off one session's audience only
     ├── SessionStoreUnavailable      503 session_store_unavailable + Retry-After
+    ├── TooManyPendingLogins         503 too_many_pending_logins + Retry-After
     └── UpstreamError                502 upstream_unavailable
         └── UpstreamTimeout          504 upstream_timeout
 """
@@ -144,6 +145,13 @@ class IdentityProviderRateLimited(IdentityProviderUnavailable):
 
 class SessionStoreUnavailable(_Unavailable):
     error = "session_store_unavailable"
+
+
+class TooManyPendingLogins(_Unavailable):
+    """``session.max_pending_logins`` logins are already waiting for their callback: what
+    unauthenticated clients can make the gateway store is bounded (review item 6)."""
+
+    error = "too_many_pending_logins"
 
 
 class UpstreamError(GatewayError):

@@ -1,9 +1,12 @@
-"""The /auth endpoints: which requests may log out without the anti-CSRF header."""
+"""The /auth endpoints: which requests may log out without the anti-CSRF header, and how many
+logins an unauthenticated client can leave pending."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +15,7 @@ from starlette.applications import Starlette
 
 from gateway import create_app
 from gateway.settings import Settings
+from tests.unit.test_redis_store import REDIS_URL, _delete_prefix
 
 from .conftest import DISCOVERY, make_settings
 
@@ -118,3 +122,49 @@ async def test_logout_cross_origin_form_post_is_refused(idp: respx.MockRouter) -
         )
         assert await app.state.gateway.store.load(session_id) is not None
     assert response.status_code == 403
+
+
+# -- pending logins (review item 6) ------------------------------------------------------------
+
+LONG_RETURN_TO = "/" + "x" * 1999  # the review's 2,000 characters
+CAP = 20
+
+
+def _store_settings(store: str, prefix: str) -> dict[str, Any]:
+    session: dict[str, Any] = {"secret_key": [SECRET_KEY], "max_pending_logins": CAP}
+    if store == "redis":
+        session.update(store="redis", redis_url=REDIS_URL, redis_key_prefix=prefix)
+    return session
+
+
+async def _pending_logins(app: Starlette, store: str, prefix: str) -> int:
+    gateway = app.state.gateway
+    if store == "memory":
+        return len(gateway.store._logins)
+    return len([k async for k in gateway.store._redis.scan_iter(match=f"{prefix}login:*")])
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_login_flood_leaves_at_most_max_pending_logins(
+    idp: respx.MockRouter, store: str
+) -> None:
+    """Before: every unauthenticated GET /auth/login left a ~2.6 KB record in Redis for 10
+    minutes (the memory store evicted real pending logins past 100,000)."""
+    prefix = f"gwtest:{uuid.uuid4().hex}:"
+    settings = make_settings(session=_store_settings(store, prefix))
+    try:
+        async with running_app(settings) as (app, client):
+            answers = [
+                await client.get("/auth/login", params={"return_to": LONG_RETURN_TO})
+                for _ in range(CAP + 30)
+            ]
+            pending = await _pending_logins(app, store, prefix)
+    finally:
+        await _delete_prefix(REDIS_URL, prefix)
+    statuses = [a.status_code for a in answers]
+    assert statuses == [302] * CAP + [503] * 30
+    refused = answers[-1]
+    assert refused.json()["error"] == "too_many_pending_logins"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert "set-cookie" not in refused.headers
+    assert pending == CAP
