@@ -78,7 +78,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
 local pending = redis.call('ZCARD', KEYS[2])
 if pending >= tonumber(ARGV[5]) and not redis.call('ZSCORE', KEYS[2], ARGV[6]) then
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return {0, oldest[2]}
+  return {0, oldest[2] or ARGV[4]}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])

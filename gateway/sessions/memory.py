@@ -133,7 +133,7 @@ class MemorySessionStore:
             del logins[oldest]
         if len(logins) >= self._max_pending_logins and state not in logins:
             # Anyone can start a login: refuse the new one rather than evict pending ones.
-            oldest_expiry = logins[next(iter(logins))][1]
+            oldest_expiry = next(iter(logins.values()))[1] if logins else now + ttl
             raise TooManyPendingLogins(
                 "too many logins are pending; try again shortly",
                 retry_after=cap_retry_after(oldest_expiry - now),

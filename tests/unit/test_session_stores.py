@@ -358,3 +358,13 @@ async def test_session_manager_reads_without_a_coroutine_only_where_the_store_ca
         assert await manager.current(cookie + "x") is None  # a bad signature is still refused
         if loads_through_load:
             assert store.loads == 1  # type: ignore[union-attr]
+
+
+async def test_store_put_login_with_a_cap_of_zero_refuses_cleanly() -> None:
+    """No crash on an empty table (a store built without settings, which require >= 1)."""
+    memory = MemorySessionStore(idle_timeout=IDLE, max_pending_logins=0)
+    async with redis_store(max_pending_logins=0) as redis:
+        for store in (memory, redis):
+            with pytest.raises(TooManyPendingLogins) as refused:
+                await store.put_login("state", {"i": "0"}, ttl=600)
+            assert refused.value.retry_after == 60
