@@ -137,7 +137,10 @@ class AuthEndpoints:
                 allowed_origins=self._allowed_origins,
             )
         elif not _is_same_origin_navigation(request, self._allowed_origins):
-            raise CSRFCheckFailed("logout needs the anti-CSRF header or a same-origin form post")
+            raise CSRFCheckFailed(
+                "logout needs the anti-CSRF header, a same-origin form post or a top-level "
+                "navigation from this origin"
+            )
         session_id = self._sessions.session_id_from_cookie(joined_cookie(request.scope["headers"]))
         session = await self._services.end_session(session_id, revoke=True) if session_id else None
         post_logout = self._post_logout_url
@@ -192,12 +195,24 @@ class AuthEndpoints:
 
 
 def _is_same_origin_navigation(request: Request, allowed_origins: list[str]) -> bool:
-    """A logout form posted from our own pages: same Origin (POST) or Sec-Fetch-Site."""
-    origin = request.headers.get("origin")
-    site = request.headers.get("sec-fetch-site")
+    """A logout the user asked for on our own pages, without the anti-CSRF header: a form
+    posted from an allowed Origin, or a top-level navigation (a link) from this origin.
+
+    Same-origin is not enough (adversarial review, item 3): an ``<img src="/auth/logout">``
+    in any HTML an upstream serves is a same-origin GET too. Fetch Metadata tells them apart:
+    a link the user follows is ``Sec-Fetch-Mode: navigate`` with ``Sec-Fetch-Dest: document``;
+    an image, script, fetch() or frame is not (W3C Fetch Metadata Request Headers §2).
+    """
+    headers = request.headers
+    origin = headers.get("origin")
+    site = headers.get("sec-fetch-site")
     if request.method == "POST" and origin is not None:
         return origin in allowed_origins and site in (None, "same-origin")
-    return site == "same-origin"
+    return (
+        site == "same-origin"
+        and headers.get("sec-fetch-mode") == "navigate"
+        and headers.get("sec-fetch-dest") == "document"
+    )
 
 
 __all__ = ["AuthEndpoints"]

@@ -25,7 +25,9 @@ never contains a token, cookie or code.
     ├── HeadersTooLarge              431 headers_too_large
     ├── IdentityProviderError        502 idp_error (IdP refused us: misconfiguration)
     ├── IdentityProviderUnavailable  503 idp_unavailable + Retry-After
+    │   └── IdentityProviderRateLimited  the IdP's 429: backs off one session's audience only
     ├── SessionStoreUnavailable      503 session_store_unavailable + Retry-After
+    ├── TooManyPendingLogins         503 too_many_pending_logins + Retry-After
     ├── UpstreamError                502 upstream_unavailable
     │   └── UpstreamTimeout          504 upstream_timeout
     └── ClientDisconnected           499, never rendered: the client went away mid-request
@@ -178,8 +180,20 @@ class IdentityProviderUnavailable(_Unavailable):
     error = "idp_unavailable"
 
 
+class IdentityProviderRateLimited(IdentityProviderUnavailable):
+    """The IdP answered 429: same answer to the client, but the back-off covers only the
+    session and audience that were refused, not every session (review item 5)."""
+
+
 class SessionStoreUnavailable(_Unavailable):
     error = "session_store_unavailable"
+
+
+class TooManyPendingLogins(_Unavailable):
+    """``session.max_pending_logins`` logins are already waiting for their callback: what
+    unauthenticated clients can make the gateway store is bounded (review item 6)."""
+
+    error = "too_many_pending_logins"
 
 
 class UpstreamError(GatewayError):

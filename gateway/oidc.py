@@ -24,12 +24,15 @@ from .errors import (
     AudienceNotPermitted,
     GatewayError,
     IdentityProviderError,
+    IdentityProviderRateLimited,
     IdentityProviderUnavailable,
     InsufficientScope,
     LoginFailed,
     LoginRequired,
     RefreshTokenRejected,
 )
+from .jws import VERIFY_ERRORS, key_fits_algorithm
+from .retry_after import parse_retry_after
 from .security import tokens_equal
 from .settings import Settings
 
@@ -247,7 +250,7 @@ class OIDCClient:
         Every failure raises ``error`` naming ``what`` was refused, never the token."""
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
+        except VERIFY_ERRORS as exc:
             raise error(f"the {what} is malformed") from exc
         alg = header.get("alg")
         metadata = await self.metadata()
@@ -260,17 +263,21 @@ class OIDCClient:
             key = await self.signing_key(kid if isinstance(kid, str) else None)
         except LoginFailed as exc:
             raise error(f"the {what} is signed with an unknown key") from exc
+        if not key_fits_algorithm(alg, key.key):
+            # An ES256 header naming an RSA key's kid (review item 4): refused here, before
+            # PyJWT would raise TypeError on it.
+            raise error(f"the {what} algorithm {alg} does not fit the key it names")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key=key.key,
-                algorithms=allowed,
+                algorithms=[alg],
                 audience=self._oidc.client_id,
                 issuer=metadata["issuer"],
                 leeway=self._oidc.clock_leeway,
                 options={"require": require},
             )
-        except jwt.PyJWTError as exc:
+        except VERIFY_ERRORS as exc:
             raise error(f"the {what} is invalid ({type(exc).__name__})") from exc
         audiences = claims["aud"] if isinstance(claims["aud"], list) else [claims["aud"]]
         if len(audiences) > 1 and claims.get("azp") != self._oidc.client_id:
@@ -385,10 +392,17 @@ class OIDCClient:
             raise IdentityProviderUnavailable("the identity provider is unreachable") from exc
         finally:
             self._observe("token", time.perf_counter() - started)
-        if response.status_code == 429 or response.status_code >= 500:
+        if response.status_code == 429:
+            # Refused for this request's sake (a quota), not down: TokenBroker backs off for
+            # what was asked only (review item 5).
+            raise IdentityProviderRateLimited(
+                "the identity provider answered 429",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        if response.status_code >= 500:
             raise IdentityProviderUnavailable(
                 f"the identity provider answered {response.status_code}",
-                retry_after=_retry_after(response),
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
         payload = _json_object(response)
         if response.status_code != 200:
@@ -419,7 +433,8 @@ class OIDCClient:
             self._observe(endpoint, time.perf_counter() - started)
         if response.status_code != 200:
             raise IdentityProviderUnavailable(
-                f"the {what} answered {response.status_code}", retry_after=_retry_after(response)
+                f"the {what} answered {response.status_code}",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
         payload = _json_object(response)
         if payload is None:
@@ -437,11 +452,6 @@ def _json_object(response: httpx.Response) -> dict[str, Any] | None:
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None
-
-
-def _retry_after(response: httpx.Response, default: int = 5) -> int:
-    value = response.headers.get("retry-after", "")
-    return int(value) if value.isascii() and value.isdigit() else default
 
 
 def _as_str(value: object) -> str | None:

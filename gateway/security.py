@@ -13,6 +13,10 @@ from .errors import CSRFCheckFailed
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]{32,128}$")
+# A longer return_to falls back to "/". It is what an unauthenticated client can make each
+# pending login hold; with session.max_pending_logins that bounds the store (review item 6:
+# ~2.7 KB per login in Redis, 27 MiB at the default 10,000), while deep links with long query
+# strings still survive the login.
 _MAX_RETURN_TO = 2048
 
 

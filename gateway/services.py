@@ -46,7 +46,7 @@ def create_store(settings: Settings) -> SessionStore:
         from .sessions.redis import RedisSessionStore
 
         return RedisSessionStore.from_settings(settings)
-    return MemorySessionStore(idle_timeout=settings.session.idle_timeout)
+    return MemorySessionStore.from_settings(settings)
 
 
 class Services:

@@ -144,6 +144,13 @@ class SessionSettings(_Section):
     absolute_timeout: Duration = Field(
         7 * 86400.0, gt=0, description="Session ends this long after login, whatever happens."
     )
+    max_pending_logins: int = Field(
+        10_000,
+        ge=1,
+        description="Logins started and not yet finished (each kept up to 10 minutes, at most "
+        "~3 KB): past this, /auth/login answers 503 too_many_pending_logins. With Redis the "
+        "bound holds across every instance.",
+    )
     # NoDecode: the env var is a comma-separated list, not JSON.
     secret_key: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

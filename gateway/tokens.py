@@ -25,6 +25,7 @@ from cachetools import TLRUCache
 from .errors import (
     AudienceNotPermitted,
     GatewayError,
+    IdentityProviderRateLimited,
     IdentityProviderUnavailable,
     InsufficientScope,
     LoginRequired,
@@ -33,6 +34,7 @@ from .errors import (
 )
 from .metrics import GatewayMetrics
 from .oidc import OIDCClient, TokenResponse
+from .retry_after import cap_retry_after
 from .routing import Route
 from .sessions.base import CachedToken, Session, SessionStore
 from .settings import TokenSettings
@@ -43,6 +45,7 @@ _DEFAULT_LIFETIME = 300.0  # when the IdP names no expiry and the token is opaqu
 _REFUSAL_TTL = 30.0  # a refused audience is not asked for again this soon
 
 CacheKey = tuple[str, str, str]
+BackOffKey = tuple[str, str]  # (session id, audience)
 
 
 class _TokenCache:
@@ -134,10 +137,16 @@ class TokenBroker:
         self._refusals: TLRUCache[CacheKey, tuple[type[GatewayError], str]] = TLRUCache(
             maxsize=10_000, ttu=lambda _k, _v, now: now + _REFUSAL_TTL, timer=clock
         )
-        # After the IdP failed (down, 5xx, 429), no exchange is tried until this time: queued
-        # requests answer 503 (or use a still-valid token) instead of each timing out in turn.
+        # After the IdP failed (unreachable, timed out, 5xx), no exchange is tried until this
+        # time: queued requests answer 503 (or use a still-valid token) instead of each timing
+        # out in turn.
         self._idp_down_until = 0.0
         self._idp_down_message = ""
+        # A 429 refuses what was asked, not every session (review item 5): only that session's
+        # exchanges for that audience wait out its Retry-After. Value: (until, message).
+        self._rate_limited: TLRUCache[BackOffKey, tuple[float, str]] = TLRUCache(
+            maxsize=10_000, ttu=lambda _k, value, _now: value[0], timer=clock
+        )
         self.exchanges = 0  # refresh-token grants sent (observability, tests)
 
     def cached_token(self, session_id: str, route: Route) -> str | None:
@@ -182,12 +191,10 @@ class TokenBroker:
                 self._metrics.token_coalesced.inc()
                 self._cache.put(key, cached)
                 return cached.access_token
+            backing_off = self._backing_off(session.id, audience, now)
             try:
-                if now < self._idp_down_until:
-                    raise IdentityProviderUnavailable(
-                        self._idp_down_message,
-                        retry_after=math.ceil(self._idp_down_until - now),
-                    )
+                if backing_off is not None:
+                    raise backing_off
                 current = await self._store.load(session.id)
                 if current is None:
                     raise LoginRequired("the session has ended", login_url=self._login_url)
@@ -206,8 +213,8 @@ class TokenBroker:
                 raise
             except IdentityProviderUnavailable as exc:
                 later = self._clock()  # the IdP call may have taken up to its timeout
-                self._idp_down_until = max(self._idp_down_until, later + min(exc.retry_after, 60))
-                self._idp_down_message = exc.message
+                if exc is not backing_off:  # re-recording its own answer would extend it
+                    self._back_off(exc, session.id, audience, later)
                 if cached is not None and later < cached.expires_at:
                     logger.warning(
                         "identity provider unavailable; serving a cached token for %s", route.name
@@ -224,6 +231,31 @@ class TokenBroker:
         if issubclass(error, LoginRequired):
             return error(message, login_url=self._login_url)
         return error(message)
+
+    def _backing_off(
+        self, session_id: str, audience: str, now: float
+    ) -> IdentityProviderUnavailable | None:
+        """The 503 to answer instead of asking the IdP, while a back-off covers this exchange."""
+        if now < self._idp_down_until:
+            return IdentityProviderUnavailable(
+                self._idp_down_message, retry_after=math.ceil(self._idp_down_until - now)
+            )
+        limited = self._rate_limited.get((session_id, audience))
+        if limited is not None and now < limited[0]:
+            return IdentityProviderRateLimited(limited[1], retry_after=math.ceil(limited[0] - now))
+        return None
+
+    def _back_off(
+        self, exc: IdentityProviderUnavailable, session_id: str, audience: str, now: float
+    ) -> None:
+        """Remember the IdP's failure for Retry-After (capped): a 429 for this session's
+        audience only, anything else (transport error, timeout, 5xx) for every session."""
+        until = now + cap_retry_after(exc.retry_after)
+        if isinstance(exc, IdentityProviderRateLimited):
+            self._rate_limited[(session_id, audience)] = (until, exc.message)
+            return
+        self._idp_down_until = max(self._idp_down_until, until)
+        self._idp_down_message = exc.message
 
     def forget(self, session_id: str) -> None:
         """Drop this process's cached tokens of a session (logout)."""

@@ -67,3 +67,23 @@ RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
+
+# Pending logins are bounded (review item 6): anyone can start one, so past ``cap`` a new one
+# is refused and the pending ones stay. ``logins`` is a sorted set of pending states scored by
+# their expiry (the store's clock, in ms); expired members are dropped first.
+# KEYS: login:<state>, logins  ARGV: ciphertext, ttl ms, now ms, expiry ms, cap, state
+# Returns {1, 0} when stored, {0, expiry ms of the oldest pending login} when full.
+PUT_LOGIN = """
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', ARGV[3])
+local pending = redis.call('ZCARD', KEYS[2])
+if pending >= tonumber(ARGV[5]) and not redis.call('ZSCORE', KEYS[2], ARGV[6]) then
+  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return {0, oldest[2] or ARGV[4]}
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[6])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[2], ARGV[2])
+end
+return {1, 0}
+"""

@@ -163,7 +163,13 @@ class SessionStore(Protocol):
         """Share an access token until it expires."""
 
     async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
-        """Remember a pending login (PKCE verifier, nonce, return_to) under its state."""
+        """Remember a pending login (PKCE verifier, nonce, return_to) under its state.
+
+        Anyone can start a login, so the store keeps at most ``max_pending_logins`` of them
+        (across instances for a shared store): past that, raise TooManyPendingLogins and keep
+        the ones already pending (review item 6; evicting them would let a flood break real
+        logins).
+        """
 
     async def pop_login(self, state: str) -> dict[str, Any] | None:
         """Take a pending login out, once: a replayed state finds nothing."""

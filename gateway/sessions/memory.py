@@ -6,12 +6,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..errors import SessionEnded
+from ..errors import SessionEnded, TooManyPendingLogins
+from ..retry_after import cap_retry_after
 from .base import CachedToken, Session
 
-MAX_PENDING_LOGINS = 100_000
+if TYPE_CHECKING:
+    from ..settings import Settings
+
+MAX_PENDING_LOGINS = 10_000  # the default of session.max_pending_logins
 
 
 class MemorySessionStore:
@@ -22,15 +26,30 @@ class MemorySessionStore:
     (``Session.compact``): ~400 bytes less per session.
     """
 
-    def __init__(self, *, idle_timeout: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        idle_timeout: float,
+        clock: Callable[[], float] = time.time,
+        max_pending_logins: int = MAX_PENDING_LOGINS,
+    ) -> None:
         self.idle_timeout = idle_timeout
         self._clock = clock
+        self._max_pending_logins = max_pending_logins
         self._sessions: dict[str, tuple[Session, float]] = {}
         self._tokens: dict[str, dict[str, CachedToken]] = {}
         self._logins: dict[str, tuple[dict[str, Any], float]] = {}
         self._jtis: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> MemorySessionStore:
+        """Build the store from ``settings.session``."""
+        return cls(
+            idle_timeout=settings.session.idle_timeout,
+            max_pending_logins=settings.session.max_pending_logins,
+        )
 
     def _deadline(self, session: Session) -> float:
         return min(self._clock() + self.idle_timeout, session.absolute_expiry)
@@ -104,12 +123,22 @@ class MemorySessionStore:
             self._tokens.setdefault(session_id, {})[key] = token
 
     async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
-        self._logins[state] = (data, self._clock() + ttl)
-        if len(self._logins) % 256 == 0:
-            self._sweep()
-        # Anyone can start logins: past the cap the oldest pending ones go (bounded memory).
-        while len(self._logins) > MAX_PENDING_LOGINS:
-            del self._logins[next(iter(self._logins))]
+        now = self._clock()
+        logins = self._logins
+        # Oldest first (every login has the same TTL): drop the expired ones at the front.
+        while logins:
+            oldest = next(iter(logins))
+            if now < logins[oldest][1]:
+                break
+            del logins[oldest]
+        if len(logins) >= self._max_pending_logins and state not in logins:
+            # Anyone can start a login: refuse the new one rather than evict pending ones.
+            oldest_expiry = next(iter(logins.values()))[1] if logins else now + ttl
+            raise TooManyPendingLogins(
+                "too many logins are pending; try again shortly",
+                retry_after=cap_retry_after(oldest_expiry - now),
+            )
+        logins[state] = (data, now + ttl)
 
     async def pop_login(self, state: str) -> dict[str, Any] | None:
         entry = self._logins.pop(state, None)

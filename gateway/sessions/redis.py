@@ -5,6 +5,7 @@ Key layout (under ``key_prefix``)::
     sess:<id>             HASH  d = AES-GCM(Session JSON), exp = idle deadline, seen, rtv
     tok:<id>              HASH  sha256(cache key) -> AES-GCM(CachedToken JSON); TTL of sess
     login:<state>         STRING AES-GCM(pending login); single use through GETDEL
+    logins                ZSET  pending login states by expiry: at most max_pending_logins
     idx:sub:<sha256(sub)> SET   session ids, for back-channel logout; TTL >= its members'
     idx:sid:<sha256(sid)> SET   idem, by the IdP's session id
     lock:<id>             STRING random token of the refresh-lock holder (a lease)
@@ -37,7 +38,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from ..crypto import DecryptionFailed, SessionCipher
-from ..errors import ConfigError, SessionEnded, SessionStoreUnavailable
+from ..errors import ConfigError, SessionEnded, SessionStoreUnavailable, TooManyPendingLogins
+from ..retry_after import cap_retry_after
 from . import _redis_scripts as scripts
 from ._session_cache import SessionCache
 from .base import CachedToken, Session
@@ -54,6 +56,7 @@ _LOCK_POLL_MIN = 0.005
 _LOCK_POLL_MAX = 0.1
 # Decoded sessions kept per instance: ~3.2 KB each with a 1,000-character ID token, ~13 MiB.
 DECODED_CACHE_SIZE = 4096
+MAX_PENDING_LOGINS = 10_000  # the default of session.max_pending_logins
 
 
 def _digest(value: str) -> str:
@@ -102,9 +105,12 @@ class RedisSessionStore:
         clock: Callable[[], float] = time.time,
         lock_timeout: float = 15.0,
         decoded_cache_size: int = DECODED_CACHE_SIZE,
+        max_pending_logins: int = MAX_PENDING_LOGINS,
     ) -> None:
         self.idle_timeout = idle_timeout
+        self._max_pending_logins = max_pending_logins
         self._prefix = key_prefix
+        self._logins_key = f"{key_prefix}logins"
         self._cipher = cipher
         self._clock = clock
         self._lock_timeout = lock_timeout
@@ -127,6 +133,7 @@ class RedisSessionStore:
         self._put_token_script = self._redis.register_script(scripts.PUT_TOKEN)
         self._release_script = self._redis.register_script(scripts.RELEASE)
         self._renew_script = self._redis.register_script(scripts.RENEW)
+        self._put_login_script = self._redis.register_script(scripts.PUT_LOGIN)
         self._local_locks: dict[str, _LocalLock] = {}
         self._held: dict[str, str] = {}
         self._renewals: set[asyncio.Task[None]] = set()
@@ -148,6 +155,7 @@ class RedisSessionStore:
             cipher=cipher,
             pool_size=session.redis_pool_size,
             timeout=session.redis_timeout,
+            max_pending_logins=session.max_pending_logins,
         )
 
     def __repr__(self) -> str:
@@ -388,15 +396,33 @@ class RedisSessionStore:
 
     async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
         key = self._key("login", state)
-        payload = json.dumps({"exp": self._clock() + ttl, "data": data}).encode()
+        now = self._clock()
+        payload = json.dumps({"exp": now + ttl, "data": data}).encode()
         blob = self._cipher.encrypt(payload, aad=key.encode())
+        args: list[bytes | str | int] = [
+            blob,
+            _ms(ttl),
+            math.floor(now * 1000),
+            math.floor((now + ttl) * 1000),
+            self._max_pending_logins,
+            state,
+        ]
         with self._translate("put_login"):
-            await self._redis.set(key, blob, px=_ms(ttl))
+            stored, oldest = await self._put_login_script(keys=[key, self._logins_key], args=args)
+        if stored != 1:
+            raise TooManyPendingLogins(
+                "too many logins are pending; try again shortly",
+                retry_after=cap_retry_after(float(oldest) / 1000 - now),
+            )
 
     async def pop_login(self, state: str) -> dict[str, Any] | None:
         key = self._key("login", state)
         with self._translate("pop_login"):
-            blob = _bytes(await self._redis.getdel(key))
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.getdel(key)
+                pipe.zrem(self._logins_key, state)
+                raw, _ = await pipe.execute()
+            blob = _bytes(raw)
         if blob is None:
             return None
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -27,7 +28,8 @@ from gateway.oidc import OIDCClient
 from gateway.settings import Settings
 from tests.unit.test_redis_store import redis_store
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, ISSUER, make_settings, sign
+from .conftest import CLIENT_ID, CLIENT_SECRET, ISSUER, KID, make_settings, sign
+from .test_oidc import EC_KEY, EC_KID, serve_keycloak_like_keys
 
 pytestmark = pytest.mark.anyio
 
@@ -283,3 +285,26 @@ async def test_backchannel_logout_store_down_is_503_and_the_retry_works(
         assert not await _live(app, session_id)
     assert down.status_code == 503 and "retry-after" in down.headers
     assert retry.status_code == 200  # the jti was not burned by the failed attempt
+
+
+async def test_backchannel_logout_es256_token_naming_an_rsa_key_is_400(
+    idp: respx.MockRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review item 4: an IdP advertising ES256 beside its RSA keys, a logout token signed ES256
+    whose header names the RSA key. Before the fix: PyJWT's TypeError, a 500 with a traceback
+    in the log and without the security headers or X-Request-ID."""
+    serve_keycloak_like_keys(idp)
+    token = sign(logout_claims(), key=EC_KEY, kid=KID, alg="ES256")
+    async with running_app(settings_with_secret()) as (app, client):
+        session_id = await _new_session(app, sub="auth0|alice", sid="sid-1")
+        refused = await client.post("/auth/backchannel-logout", data={"logout_token": token})
+        assert await _live(app, session_id)
+        # The same IdP's ES256 token with its own EC key is accepted.
+        good = sign(logout_claims(), key=EC_KEY, kid=EC_KID, alg="ES256")
+        accepted = await client.post("/auth/backchannel-logout", data={"logout_token": good})
+        assert not await _live(app, session_id)
+    assert refused.status_code == 400 and refused.json()["error"] == "invalid_request"
+    assert "x-request-id" in refused.headers
+    assert refused.headers["x-content-type-options"] == "nosniff"
+    assert accepted.status_code == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import jwt
 import pytest
 import respx
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.errors import (
     AudienceNotPermitted,
     IdentityProviderError,
+    IdentityProviderRateLimited,
     IdentityProviderUnavailable,
     LoginFailed,
     LoginRequired,
@@ -29,7 +33,9 @@ from .conftest import (
     CLIENT_SECRET,
     DISCOVERY,
     ISSUER,
+    KID,
     id_token,
+    jwks,
     make_settings,
     sign,
 )
@@ -289,3 +295,102 @@ async def test_revoke_posts_token_and_reports_result(
     assert _form(route.calls.last.request)["token"] == ["rt-9"]
     idp.post(DISCOVERY["revocation_endpoint"]).respond(400, json={"error": "invalid_request"})
     assert await oidc.revoke("rt-9") is False
+
+
+# -- an IdP that advertises ES256 beside its RSA keys (Keycloak does): review item 4 ----------
+
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+EC_KID = "ec-key-1"
+KEYCLOAK_LIKE_DISCOVERY = {**DISCOVERY, "id_token_signing_alg_values_supported": ["RS256", "ES256"]}
+
+
+def keycloak_like_jwks() -> dict[str, Any]:
+    """The RSA signing key, an EC P-256 signing key and an RSA encryption key (RSA-OAEP)."""
+    ec_public = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(EC_KEY.public_key()))
+    ec_public.update({"kid": EC_KID, "use": "sig", "alg": "ES256"})
+    encryption = {**jwks()["keys"][0], "kid": "enc-1", "use": "enc", "alg": "RSA-OAEP"}
+    return {"keys": [*jwks()["keys"], ec_public, encryption]}
+
+
+def serve_keycloak_like_keys(idp: respx.MockRouter) -> None:
+    idp.get(ISSUER + ".well-known/openid-configuration").respond(json=KEYCLOAK_LIKE_DISCOVERY)
+    idp.get(DISCOVERY["jwks_uri"]).respond(json=keycloak_like_jwks())
+
+
+def _id_claims() -> dict[str, Any]:
+    now = int(time.time())
+    return {"iss": ISSUER, "sub": "x", "aud": CLIENT_ID, "iat": now, "exp": now + 60, "nonce": "n1"}
+
+
+# (alg of the header, key that signs it, kid the header names)
+MISMATCHED_KEYS: dict[str, tuple[str, Any, str]] = {
+    "es256_naming_the_rsa_kid": ("ES256", EC_KEY, KID),
+    "rs256_naming_the_ec_kid": ("RS256", None, EC_KID),  # None: the RSA key of conftest
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHED_KEYS))
+async def test_validate_id_token_algorithm_not_fitting_its_key_is_login_failed(
+    idp: respx.MockRouter, settings: Settings, case: str
+) -> None:
+    # Before the fix PyJWT raised TypeError("Expecting a PEM-formatted key."): a 500.
+    serve_keycloak_like_keys(idp)
+    alg, key, kid = MISMATCHED_KEYS[case]
+    token = sign(_id_claims(), key=key, kid=kid, alg=alg)
+    async with httpx.AsyncClient() as http:
+        with pytest.raises(LoginFailed) as info:
+            await OIDCClient(settings, http).validate_id_token(token, nonce="n1")
+    assert "does not fit" in info.value.message and token not in info.value.message
+
+
+async def test_validate_id_token_accepts_es256_from_its_ec_key(
+    idp: respx.MockRouter, settings: Settings
+) -> None:
+    serve_keycloak_like_keys(idp)
+    token = sign(_id_claims(), key=EC_KEY, kid=EC_KID, alg="ES256")
+    async with httpx.AsyncClient() as http:
+        claims = await OIDCClient(settings, http).validate_id_token(token, nonce="n1")
+    assert claims["sub"] == "x"
+
+
+async def test_verify_jwt_maps_whatever_the_verifier_raises(
+    oidc: OIDCClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every exception PyJWT or cryptography may raise on a token becomes ``error``."""
+    for raised in (TypeError("x"), ValueError("x"), OverflowError("x"), KeyError("x")):
+
+        def decode(*args: object, exc: Exception = raised, **kwargs: object) -> None:
+            raise exc
+
+        monkeypatch.setattr(jwt, "decode", decode)
+        with pytest.raises(LoginFailed, match=type(raised).__name__):
+            await oidc.validate_id_token(id_token(nonce="n1"), nonce="n1")
+
+
+# -- the IdP's Retry-After, capped the same way at every endpoint --------------------------------
+
+RETRY_AFTER_CAPPED = {"an_hour": "3600", "5000_digits": "9" * 5000}
+
+
+@pytest.mark.parametrize("case", sorted(RETRY_AFTER_CAPPED))
+@pytest.mark.parametrize("status", [429, 503])
+async def test_token_endpoint_retry_after_is_capped(
+    oidc: OIDCClient, idp: respx.MockRouter, case: str, status: int
+) -> None:
+    # Before: "3600" went to the client as is, and 5,000 digits raised ValueError from int().
+    idp.post(TOKEN_URL).respond(status, headers={"Retry-After": RETRY_AFTER_CAPPED[case]})
+    with pytest.raises(IdentityProviderUnavailable) as info:
+        await oidc.refresh("rt", audience=API, scopes=[])
+    assert info.value.headers() == {"Retry-After": "60"}
+    assert isinstance(info.value, IdentityProviderRateLimited) == (status == 429)
+
+
+async def test_discovery_retry_after_is_capped(settings: Settings) -> None:
+    with respx.mock() as router:
+        router.get(ISSUER + ".well-known/openid-configuration").respond(
+            503, headers={"Retry-After": "9" * 5000}
+        )
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(IdentityProviderUnavailable) as info:
+                await OIDCClient(settings, http).metadata()
+    assert info.value.headers() == {"Retry-After": "60"}

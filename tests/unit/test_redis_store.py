@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from gateway.crypto import SessionCipher
 from gateway.errors import ConfigError, SessionEnded, SessionStoreUnavailable
 from gateway.sessions import CachedToken, Session
-from gateway.sessions.redis import DECODED_CACHE_SIZE, RedisSessionStore
+from gateway.sessions.redis import DECODED_CACHE_SIZE, MAX_PENDING_LOGINS, RedisSessionStore
 from gateway.settings import Settings
 
 from .fakes import scribble_on
@@ -51,6 +51,7 @@ async def redis_store(
     timeout: float = 2.0,
     lock_timeout: float = 15.0,
     decoded_cache_size: int = DECODED_CACHE_SIZE,
+    max_pending_logins: int = MAX_PENDING_LOGINS,
 ) -> AsyncIterator[RedisSessionStore]:
     """A store under a fresh key prefix, whose keys are deleted on exit; or under ``prefix``,
     another instance of the same gateway (the owner of the prefix cleans up)."""
@@ -65,6 +66,7 @@ async def redis_store(
         timeout=timeout,
         lock_timeout=lock_timeout,
         decoded_cache_size=decoded_cache_size,
+        max_pending_logins=max_pending_logins,
     )
     try:
         yield store
@@ -143,6 +145,8 @@ async def dump(raw: Redis, prefix: str) -> dict[bytes, list[bytes]]:
             out[key] = [as_bytes(b) for pair in items for b in pair]
         elif kind == b"set":
             out[key] = [as_bytes(m) for m in await raw.smembers(key)]
+        elif kind == b"zset":
+            out[key] = [as_bytes(m) for m in await raw.zrange(key, 0, -1)]
         else:  # pragma: no cover - the store writes no other type
             raise AssertionError(f"unexpected {kind!r} at {key!r}")
     return out
@@ -161,7 +165,7 @@ async def test_redis_store_values_hold_only_ciphertext(
     await store.touch(session)
     contents = await dump(raw, prefix_of(store))
     kinds = {key.decode().removeprefix(prefix_of(store)).split(":")[0] for key in contents}
-    assert kinds == {"sess", "tok", "login", "idx"}
+    assert kinds == {"sess", "tok", "login", "logins", "idx"}
     secrets = [
         b"RT-very-secret",
         b"alice",

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from gateway.crypto import SessionCipher
-from gateway.errors import SessionEnded
+from gateway.errors import SessionEnded, TooManyPendingLogins
 from gateway.sessions import CachedToken, MemorySessionStore, Session, SessionStore
 from gateway.sessions.manager import SessionManager
 from tests.unit.test_redis_store import redis_store
@@ -27,17 +27,18 @@ class FakeClock:
         return self.now
 
 
+MAX_PENDING = 5  # session.max_pending_logins of the stores under test
 StoreFactory = Callable[[FakeClock], AsyncIterator[SessionStore]]
 
 
 async def _memory(clock: FakeClock) -> AsyncIterator[SessionStore]:
-    yield MemorySessionStore(idle_timeout=IDLE, clock=clock)
+    yield MemorySessionStore(idle_timeout=IDLE, clock=clock, max_pending_logins=MAX_PENDING)
 
 
 async def _redis(clock: FakeClock) -> AsyncIterator[SessionStore]:
     # A fresh key prefix per test, deleted afterwards; Redis keeps real time, the store's
     # read-side checks follow the fake clock.
-    async with redis_store(idle_timeout=IDLE, clock=clock) as store:
+    async with redis_store(idle_timeout=IDLE, clock=clock, max_pending_logins=MAX_PENDING) as store:
         yield store
 
 
@@ -181,13 +182,45 @@ async def test_store_expired_token_not_returned(
     assert await store.get_token(session.id, "k") is None
 
 
-async def test_memory_store_caps_pending_logins(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.sessions.memory.MAX_PENDING_LOGINS", 10)
-    store = MemorySessionStore(idle_timeout=IDLE)
-    for i in range(25):
+async def test_store_put_login_past_the_cap_is_refused_and_keeps_the_pending_ones(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    # Review item 6: anyone can start a login. Before, Redis stored every one and the memory
+    # store pushed the oldest (real users' logins) out past its cap.
+    store, clock = store_and_clock
+    for i in range(MAX_PENDING):
         await store.put_login(f"state{i}", {"i": str(i)}, ttl=600)
-    assert await store.pop_login("state0") is None  # the oldest went first
-    assert await store.pop_login("state24") == {"i": "24"}
+    clock.now += 100
+    with pytest.raises(TooManyPendingLogins) as refused:
+        await store.put_login("flood", {"i": "x"}, ttl=600)
+    assert refused.value.status_code == 503
+    assert refused.value.error == "too_many_pending_logins"
+    assert 1 <= refused.value.retry_after <= 60
+    assert await store.pop_login("state0") == {"i": "0"}  # nothing pending was pushed out
+    await store.put_login("after-a-callback", {"i": "y"}, ttl=600)  # a finished login frees one
+    with pytest.raises(TooManyPendingLogins):
+        await store.put_login("flood", {"i": "x"}, ttl=600)
+    clock.now += 501  # the first five expired (t + 600); "after-a-callback" is still pending
+    for i in range(MAX_PENDING - 1):
+        await store.put_login(f"later{i}", {"i": str(i)}, ttl=600)
+    with pytest.raises(TooManyPendingLogins):
+        await store.put_login("flood", {"i": "x"}, ttl=600)
+    assert await store.pop_login("after-a-callback") == {"i": "y"}
+    assert await store.pop_login("flood") is None
+
+
+async def test_store_pending_logins_bounded_under_a_flood(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    store, _ = store_and_clock
+    refused = 0
+    for i in range(200):
+        try:
+            await store.put_login(f"state{i}", {"return_to": "/" + "x" * 2047}, ttl=600)
+        except TooManyPendingLogins:
+            refused += 1
+    assert refused == 200 - MAX_PENDING
+    assert sum([await store.pop_login(f"state{i}") is not None for i in range(200)]) == MAX_PENDING
 
 
 async def test_store_rotated_save_never_revives_a_deleted_session(
@@ -325,3 +358,13 @@ async def test_session_manager_reads_without_a_coroutine_only_where_the_store_ca
         assert await manager.current(cookie + "x") is None  # a bad signature is still refused
         if loads_through_load:
             assert store.loads == 1  # type: ignore[union-attr]
+
+
+async def test_store_put_login_with_a_cap_of_zero_refuses_cleanly() -> None:
+    """No crash on an empty table (a store built without settings, which require >= 1)."""
+    memory = MemorySessionStore(idle_timeout=IDLE, max_pending_logins=0)
+    async with redis_store(max_pending_logins=0) as redis:
+        for store in (memory, redis):
+            with pytest.raises(TooManyPendingLogins) as refused:
+                await store.put_login("state", {"i": "0"}, ttl=600)
+            assert refused.value.retry_after == 60

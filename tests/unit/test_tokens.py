@@ -325,3 +325,98 @@ async def test_broker_cached_token_is_the_hit_of_access_token_without_a_coroutin
     assert hits.value == before + 1
     await h.token("api")
     assert exchange.call_count == 2
+
+
+# -- back-off scope (review item 5) ------------------------------------------------------------
+
+
+def _second_session(h: Harness) -> Session:
+    return Session(
+        id="sess-2",
+        sub="bob",
+        refresh_token="rt-bob",
+        created_at=h.clock.now,
+        absolute_expiry=h.clock.now + 86400,
+    )
+
+
+def _rate_limit_alice_for_api(request: httpx.Request) -> httpx.Response:
+    """Auth0's wire shape for a refused quota: 429, Retry-After in seconds, an error body."""
+    form = parse_qs(request.content.decode())
+    if form["refresh_token"] == ["rt-0"] and form["audience"] == [API]:
+        return httpx.Response(
+            429,
+            headers={"Retry-After": "60"},
+            json={"error": "too_many_requests", "error_description": "Global limit exceeded"},
+        )
+    return _token_answer(request)
+
+
+async def test_broker_429_backs_off_only_the_refused_session_and_audience(
+    h: Harness, idp: respx.MockRouter
+) -> None:
+    bob = _second_session(h)
+    await h.store.save(bob)
+    api = h.routes.by_name("api")
+    assert api is not None
+    route = idp.post(TOKEN_URL).mock(side_effect=_rate_limit_alice_for_api)
+    with pytest.raises(IdentityProviderUnavailable) as refused:
+        await h.token("api")
+    assert refused.value.status_code == 503 and refused.value.headers() == {"Retry-After": "60"}
+    # Before the fix every other session's first exchange answered 503 for 60 s, unasked.
+    assert await h.broker.access_token(bob, api)
+    assert await h.token("billing")  # the same session, another audience
+    assert route.call_count == 3
+    h.clock.now += 30
+    with pytest.raises(IdentityProviderUnavailable) as waiting:
+        await h.token("api")
+    assert waiting.value.headers() == {"Retry-After": "30"}
+    assert route.call_count == 3  # not asked again within its Retry-After
+    h.clock.now += 31
+    idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    assert await h.token("api")
+    assert route.call_count == 4
+
+
+async def test_broker_5xx_backs_off_every_session(h: Harness, idp: respx.MockRouter) -> None:
+    bob = _second_session(h)
+    await h.store.save(bob)
+    api = h.routes.by_name("api")
+    assert api is not None
+    route = idp.post(TOKEN_URL).respond(503, headers={"Retry-After": "20"})
+    with pytest.raises(IdentityProviderUnavailable):
+        await h.token("api")
+    with pytest.raises(IdentityProviderUnavailable) as other:
+        await h.broker.access_token(bob, api)
+    assert other.value.headers() == {"Retry-After": "20"}
+    assert route.call_count == 1
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_broker_back_off_ends_at_retry_after_however_often_it_is_hit(
+    h: Harness, idp: respx.MockRouter, status: int
+) -> None:
+    """Answering from the back-off must not extend it: requests every 0.5 s used to push its end
+    forward by the rounding of each Retry-After they answered with, so it never ended."""
+    route = idp.post(TOKEN_URL).respond(status, headers={"Retry-After": "10"})
+    with pytest.raises(IdentityProviderUnavailable):
+        await h.token("api")
+    for _ in range(19):  # t + 0.5 ... t + 9.5
+        h.clock.now += 0.5
+        with pytest.raises(IdentityProviderUnavailable):
+            await h.token("api")
+    assert route.call_count == 1
+    h.clock.now += 1.0  # t + 10.5
+    idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    assert await h.token("api")
+
+
+async def test_broker_caps_the_idps_retry_after(h: Harness, idp: respx.MockRouter) -> None:
+    route = idp.post(TOKEN_URL).respond(503, headers={"Retry-After": "86400"})
+    with pytest.raises(IdentityProviderUnavailable) as info:
+        await h.token("api")
+    assert info.value.headers() == {"Retry-After": "60"}
+    h.clock.now += 61  # a day's Retry-After, capped at a minute: the IdP is asked again
+    idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    assert await h.token("api")
+    assert route.call_count == 2
