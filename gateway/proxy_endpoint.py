@@ -87,7 +87,7 @@ def _plain_path(raw_path: str) -> str:
     """``normalize_path`` without its cost for the common, already-normal path: printable
     ASCII with no percent-encoding to judge, no backslash and no segment starting with a dot
     (normalize_path would return it unchanged). String methods: a regular expression's search
-    cost five times as much on every proxied request."""
+    cost five times as much on every proxied request. No empty segment either: ``//`` is merged."""
     if (
         raw_path[:1] == "/"
         and raw_path.isascii()
@@ -95,6 +95,7 @@ def _plain_path(raw_path: str) -> str:
         and "%" not in raw_path
         and "\\" not in raw_path
         and "/." not in raw_path
+        and "//" not in raw_path  # merged by normalize_path (review finding 1)
     ):
         return raw_path
     return normalize_path(raw_path)
