@@ -205,23 +205,23 @@ class ProxyEndpoint:
         # The request headers the hot path reads, collected in one pass. A route without a
         # token reads only the body's framing and the request id; a token route also the
         # session cookie, Accept (login redirect) and the anti-CSRF signals. One plan per kind
-        # of route (token or not, forwarding cookies or not), found by the route's name.
+        # of route (token or not, forwarding cookies or not, identity headers it forwards),
+        # found by the route's name.
         common = {b"content-length", b"transfer-encoding", REQUEST_ID_HEADER}
         for_token = {b"cookie", b"accept", b"origin", b"sec-fetch-site", gateway.csrf_header}
-        plans = {
-            (needs_token, forward_cookies): RequestHeaderPlan(
-                wanted=frozenset(common | for_token if needs_token else common),
-                gateway_cookies=gateway.sessions.cookie_names_bytes,
-                forward_cookies=forward_cookies,
-                replace_request_id=True,
-            )
-            for needs_token in (False, True)
-            for forward_cookies in (False, True)
-        }
-        self._header_plans = {
-            route.name: plans[(route.needs_token, route.forward_cookies)]
-            for route in gateway.routes
-        }
+        plans: dict[tuple[bool, bool, frozenset[bytes]], RequestHeaderPlan] = {}
+        self._header_plans = {}
+        for route in gateway.routes:
+            kind = (route.needs_token, route.forward_cookies, route.forward_identity_headers)
+            if kind not in plans:
+                plans[kind] = RequestHeaderPlan(
+                    wanted=frozenset(common | for_token if route.needs_token else common),
+                    gateway_cookies=gateway.sessions.cookie_names_bytes,
+                    forward_cookies=route.forward_cookies,
+                    replace_request_id=True,
+                    forward_identity=route.forward_identity_headers,
+                )
+            self._header_plans[route.name] = plans[kind]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Through the router (the fast path, in ``GatewayApp``, calls :meth:`handle`)."""

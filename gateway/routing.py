@@ -88,6 +88,8 @@ class Route:
     timeout: float = field(init=False)
     strip_prefix: bool = field(init=False)
     max_body_bytes: int | None = field(init=False)  # None: the global limit
+    # Client identity/override headers this route forwards anyway (headers.py), lower-case.
+    forward_identity_headers: frozenset[bytes] = field(init=False)
     _base: str = field(init=False)  # what a path is appended to (no strip_prefix)
     _stripped_base: str = field(init=False)  # what the rest after the prefix is appended to
 
@@ -103,6 +105,11 @@ class Route:
         set_field(self, "timeout", self.settings.timeout)
         set_field(self, "strip_prefix", self.settings.strip_prefix)
         set_field(self, "max_body_bytes", self.settings.max_body_bytes)
+        set_field(
+            self,
+            "forward_identity_headers",
+            frozenset(name.encode("latin-1") for name in self.settings.forward_identity_headers),
+        )
         set_field(self, "_base", self.upstream_origin + self.upstream_path.rstrip("/"))
         set_field(self, "_stripped_base", self.upstream_origin + self.upstream_path)
 

@@ -27,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
+from .headers import check_forwardable_identity_header
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -304,6 +305,19 @@ class RouteSettings(_Section):
         description="Forward the browser's other cookies (never the gateway's own) upstream.",
     )
     max_body_bytes: int | None = Field(None, ge=0, description="Override limits.max_body_bytes.")
+    forward_identity_headers: list[str] = Field(
+        default_factory=list,
+        description="Identity and override headers a client sent that this route still "
+        "forwards (by default the gateway drops X-Auth-Request-*, X-Forwarded-* beyond its own, "
+        "Remote-User, X-Original-URL, X-Rewrite-URL, True-Client-IP, X-Client-IP, "
+        "X-HTTP-Method-Override and the like: upstreams tend to trust them). Names, e.g. "
+        "[X-HTTP-Method-Override].",
+    )
+
+    @field_validator("forward_identity_headers")
+    @classmethod
+    def _identity_header_names(cls, value: list[str]) -> list[str]:
+        return [check_forwardable_identity_header(name) for name in value]
 
     @field_validator("prefix")
     @classmethod
