@@ -105,7 +105,9 @@ class Gateway:
             metrics=self.metrics,
             on_session_ended=self.end_session,
         )
-        self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient()
+        self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient.from_settings(
+            settings.upstream_pool
+        )
         self.websockets = WebSocketRelay(self)
         self.login_url = settings.public_url + "/auth/login"
         self.post_logout_redirect_url = (

@@ -16,13 +16,15 @@ never contains a token, cookie or code.
     │   ├── AudienceNotPermitted     403 audience_not_permitted
     │   └── InsufficientScope        403 insufficient_scope
     ├── NotFound                     404 not_found
+    ├── RequestBodyTimeout           408 request_timeout (+ Connection: close)
     ├── PayloadTooLarge              413 payload_too_large
     ├── HeadersTooLarge              431 headers_too_large
     ├── IdentityProviderError        502 idp_error (IdP refused us: misconfiguration)
     ├── IdentityProviderUnavailable  503 idp_unavailable + Retry-After
     ├── SessionStoreUnavailable      503 session_store_unavailable + Retry-After
     └── UpstreamError                502 upstream_unavailable
-        └── UpstreamTimeout          504 upstream_timeout
+        ├── UpstreamTimeout          504 upstream_timeout
+        └── UpstreamBusy             503 upstream_busy + Retry-After
 """
 
 from __future__ import annotations
@@ -104,6 +106,19 @@ class NotFound(GatewayError):
     error = "not_found"
 
 
+class RequestBodyTimeout(GatewayError):
+    """The client's request body sent nothing for longer than ``limits.body_idle_timeout``.
+
+    The rest of the body will not be read, so the connection cannot carry another request:
+    the answer closes it (RFC 9110 §15.5.9)."""
+
+    status_code = 408
+    error = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class PayloadTooLarge(GatewayError):
     status_code = 413
     error = "payload_too_large"
@@ -148,6 +163,13 @@ class UpstreamError(GatewayError):
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     error = "upstream_timeout"
+
+
+class UpstreamBusy(UpstreamError, _Unavailable):
+    """No upstream connection became free within ``upstream_pool.acquire_timeout``."""
+
+    status_code = 503
+    error = "upstream_busy"
 
 
 def render_error(exc: GatewayError) -> Response:

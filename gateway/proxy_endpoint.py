@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
@@ -41,6 +41,8 @@ from .observability import (
     request_context,
 )
 from .proxy import UpstreamResponse
+from .request_body import ClientDisconnected
+from .request_body import RequestBody as _RequestBody
 from .routing import Route, normalize_path
 from .security import check_csrf
 from .security_headers import mark_relayed, own_answer_headers
@@ -52,35 +54,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gateway.proxy")
 
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
-
-
-class ClientDisconnected(Exception):
-    """The browser went away while we were reading its request body."""
-
-
-class _RequestBody:
-    """The client's request body as an async iterator, counted against the route's limit."""
-
-    def __init__(self, receive: Receive, limit: int) -> None:
-        self._receive = receive
-        self.limit = limit
-        self.too_large = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        total = 0
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            chunk: bytes = message.get("body", b"")
-            total += len(chunk)
-            if self.limit and total > self.limit:
-                self.too_large = True
-                raise PayloadTooLarge(f"the request body is over {self.limit} bytes")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
 
 
 def _plain_path(raw_path: str) -> str:
@@ -201,6 +174,8 @@ class ProxyEndpoint:
         self._own_headers = own_answer_headers(https=gateway.settings.is_https)
         self._max_header_bytes = gateway.settings.limits.max_header_bytes
         self._max_body_bytes = gateway.settings.limits.max_body_bytes
+        self._body_idle = gateway.settings.limits.body_idle_timeout
+        self._buffer_up_to = gateway.settings.limits.buffered_body_bytes
         self._site = forwarded_site(gateway.public_scheme, gateway.public_host)
         # The request headers the hot path reads, collected in one pass. A route without a
         # token reads only the body's framing and the request id; a token route also the
@@ -292,9 +267,19 @@ class ProxyEndpoint:
                 and (len(length) > 18 or int(length) > limit)
             ):
                 raise PayloadTooLarge(f"the request body is over {limit} bytes")
-            return _RequestBody(receive, limit) if length not in ("", "0") else None
+            if length in ("", "0"):
+                return None
+            small = length.isascii() and length.isdigit() and len(length) <= 18
+            declared = int(length) if small else None
+            return _RequestBody(
+                receive,
+                limit,
+                idle=self._body_idle,
+                declared=declared,
+                buffer_up_to=self._buffer_up_to,
+            )
         if b"transfer-encoding" in found or method not in _BODYLESS:
-            return _RequestBody(receive, limit)
+            return _RequestBody(receive, limit, idle=self._body_idle)
         return None
 
     async def handle(
@@ -347,13 +332,13 @@ class ProxyEndpoint:
                 method,
                 url,
                 headers,
-                body.__aiter__() if body is not None else None,
+                await body.ready() if body is not None else None,
                 timeout=route.timeout,
                 route=route.name,
             )
         except GatewayError:
-            if body is not None and body.too_large:
-                raise PayloadTooLarge(f"the request body is over {body.limit} bytes") from None
+            if body is not None and body.failure is not None:  # 413 or 408, not the upstream's
+                raise body.failure from None
             raise
         finally:
             context.upstream_seconds = time.perf_counter() - sent_at  # to response headers

@@ -273,6 +273,37 @@ class MetricsSettings(_Section):
 class LimitSettings(_Section):
     max_body_bytes: int = Field(0, ge=0, description="0 = unlimited; over it: 413.")
     max_header_bytes: int = Field(65536, ge=1024, description="Request headers over it: 431.")
+    body_idle_timeout: Duration = Field(
+        15.0,
+        description="A request body that sends nothing for this long is cut: 408, and its "
+        "upstream request is abandoned (the connection closed). 0 = wait for ever.",
+    )
+    buffered_body_bytes: int = Field(
+        65536,
+        ge=0,
+        description="A request body whose Content-Length is at most this is read whole before "
+        "an upstream connection is taken, so a slow sender holds none. 0 = always stream.",
+    )
+
+
+class UpstreamPoolSettings(_Section):
+    """The connections to upstreams: one pool, shared fairly (review finding 2)."""
+
+    max_connections: int = Field(
+        1000, ge=1, description="Upstream requests in flight at once, all upstreams together."
+    )
+    max_connections_per_upstream: int = Field(
+        250,
+        ge=1,
+        description="Upstream requests in flight at once to one upstream (scheme, host, port), "
+        "so that one route or upstream cannot take every connection.",
+    )
+    acquire_timeout: Duration = Field(
+        5.0,
+        gt=0,
+        description="How long a request waits for a free upstream connection; then 503 "
+        "upstream_busy with Retry-After.",
+    )
 
 
 class RouteSettings(_Section):
@@ -402,6 +433,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
     limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
+    upstream_pool: UpstreamPoolSettings = Field(default_factory=UpstreamPoolSettings)  # type: ignore[arg-type]
     routes: list[RouteSettings] = Field(default_factory=list, description="The route table.")
     static: StaticSettings | None = Field(
         None, description="Serve a static front end from the gateway (off by default)."
