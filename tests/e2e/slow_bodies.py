@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from .servers import Upstream
+
 OPEN_BATCH = 100  # connections opened at once
 STATUS_LINE_TIMEOUT = 30.0
 
@@ -95,3 +97,13 @@ async def timed_get(
     except httpx.TimeoutException:
         return time.perf_counter() - started, None
     return time.perf_counter() - started, response.status_code
+
+
+async def wait_for_connections(upstream: Upstream, count: int, *, at_most: float) -> None:
+    """Until ``upstream`` holds ``count`` connections of the gateway (what slow bodies did to
+    the old shared pool), or ``at_most`` seconds: the gateway reads 1,000 request heads in a
+    moment, and a victim sent before that would overtake them. (Once slow senders hold no
+    upstream connection, nothing says the heads were read: the bound is the wait.)"""
+    deadline = time.monotonic() + at_most
+    while upstream.open_connections() < count and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)

@@ -6,10 +6,8 @@ send a request head and one byte of body, then nothing.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import contextlib
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +18,7 @@ from .gateway_harness import CSRF, gateway_config, start_upstreams
 from .login import browser_login
 from .processes import GatewayProcess
 from .servers import API, BILLING, IdpProcess, Upstream, free_port
-from .slow_bodies import raise_fd_limit, slow_senders, timed_get
+from .slow_bodies import raise_fd_limit, slow_senders, timed_get, wait_for_connections
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
@@ -44,16 +42,6 @@ def _gateway(
             yield gateway, upstreams
         finally:
             gateway.stop()
-
-
-async def _settle(upstream: Upstream, count: int) -> None:
-    """Until ``upstream`` holds ``count`` connections of the gateway (what the attack did to
-    the old shared pool), or SETTLE seconds: the gateway reads 1,000 request heads in a moment,
-    and a victim sent before that would overtake them. (After the fix nothing reaches the
-    upstream, so no event says the heads were read: the bound is the wait.)"""
-    deadline = time.monotonic() + SETTLE
-    while upstream.open_connections() < count and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
 
 
 async def _victims(client: httpx.AsyncClient, base_url: str) -> list[tuple[str, float, int | None]]:
@@ -83,7 +71,7 @@ async def test_a_thousand_slow_bodies_on_a_public_route_do_not_delay_other_route
             assert login.status_code == 302, login.text
             # Small declared bodies (100 bytes) are read whole before an upstream is asked.
             async with slow_senders(gateway.base_url, "/public/upload", SLOW, declared=100):
-                await _settle(upstreams["public"], SLOW)
+                await wait_for_connections(upstreams["public"], SLOW, at_most=SETTLE)
                 victims = await _victims(client, gateway.base_url)
                 held_upstream = upstreams["public"].open_connections()
     slow = [(audience, round(s, 3), status) for audience, s, status in victims if s > VICTIM_FAST]
