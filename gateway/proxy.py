@@ -123,7 +123,8 @@ class AiohttpUpstreamClient:
             # The upstream's origin: scheme://host:port, up to the path (always present).
             origin = url[: url.find("/", url.find("//") + 2)]
             slots = self._slots_by_route[route] = self._slots.for_origin(origin)
-        await self._slots.take(slots, route)
+        if not self._slots.try_take(slots):
+            await self._slots.take(slots, route)
         try:
             response = await self._client().request(
                 method,

@@ -8,6 +8,7 @@ and port) now has its own share of the pool, and a request waits for a free slot
 
 A slot is taken before the upstream request and given back when its answer is closed, so it
 counts what aiohttp's connector would count (connections in use, not idle keep-alive ones).
+Usage: ``try_take(slots) or await take(slots, route)``, then ``give_back(slots)`` once.
 """
 
 from __future__ import annotations
@@ -69,14 +70,20 @@ class UpstreamSlots:
             slots = self._by_origin[origin] = Slots(self._per_upstream)
         return slots
 
+    def try_take(self, slots: Slots) -> bool:
+        """One slot of ``slots`` and one of the total if both are free now (the common case:
+        no wait, no coroutine); else False, and :meth:`take` waits."""
+        total = self._total
+        if slots.free > 0 and total.free > 0:
+            slots.free -= 1
+            total.free -= 1
+            return True
+        return False
+
     async def take(self, slots: Slots, route: str) -> None:
         """One slot of ``slots`` and one of the total, or :class:`UpstreamBusy` once
         ``acquire_timeout`` has passed without both."""
         total = self._total
-        if slots.free > 0 and total.free > 0:  # the common case: no wait, no coroutine
-            slots.free -= 1
-            total.free -= 1
-            return
         took_own = False
         try:
             async with asyncio.timeout(self._acquire_timeout):
