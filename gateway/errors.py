@@ -21,6 +21,7 @@ never contains a token, cookie or code.
     │   └── CallerRefused            403 forbidden (forward-auth: not the data plane)
     ├── NotFound                     404 not_found
     ├── MethodNotAllowed             405 method_not_allowed (+ Allow)
+    ├── RequestBodyTimeout           408 request_timeout (+ Connection: close)
     ├── PayloadTooLarge              413 payload_too_large
     ├── HeadersTooLarge              431 headers_too_large
     ├── IdentityProviderError        502 idp_error (IdP refused us: misconfiguration)
@@ -29,7 +30,8 @@ never contains a token, cookie or code.
     ├── SessionStoreUnavailable      503 session_store_unavailable + Retry-After
     ├── TooManyPendingLogins         503 too_many_pending_logins + Retry-After
     ├── UpstreamError                502 upstream_unavailable
-    │   └── UpstreamTimeout          504 upstream_timeout
+    │   ├── UpstreamTimeout          504 upstream_timeout
+    │   └── UpstreamBusy             503 upstream_busy + Retry-After
     └── ClientDisconnected           499, never rendered: the client went away mid-request
 
 A 5xx is logged by :func:`as_gateway_error` from every entry (proxy, own endpoints, forward-auth,
@@ -148,6 +150,19 @@ class MethodNotAllowed(GatewayError):
         return {"Allow": ", ".join(self.allow)}
 
 
+class RequestBodyTimeout(GatewayError):
+    """The client's request body sent nothing for longer than ``limits.body_idle_timeout``.
+
+    The rest of the body will not be read, so the connection cannot carry another request:
+    the answer closes it (RFC 9110 §15.5.9)."""
+
+    status_code = 408
+    error = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {"Connection": "close"}
+
+
 class PayloadTooLarge(GatewayError):
     status_code = 413
     error = "payload_too_large"
@@ -211,6 +226,13 @@ class ClientDisconnected(GatewayError):
 
     status_code = 499
     error = "client_closed_request"
+
+
+class UpstreamBusy(UpstreamError, _Unavailable):
+    """No upstream connection became free within ``upstream_pool.acquire_timeout``."""
+
+    status_code = 503
+    error = "upstream_busy"
 
 
 def render_error(exc: GatewayError) -> Response:

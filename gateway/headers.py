@@ -2,8 +2,12 @@
 
 What an upstream sees: the client's headers minus hop-by-hop headers (RFC 9110 §7.6.1), minus
 cookies (all of them unless the route sets ``forward_cookies``, and the gateway's own always), any
-client ``Authorization`` and any client ``X-Forwarded-*`` /
-``Forwarded`` (spoofable), plus ``Authorization: Bearer`` and our own ``X-Forwarded-*``.
+client ``Authorization``, any client ``X-Forwarded-*`` / ``Forwarded`` (spoofable), the identity
+and override headers upstreams behind a BFF tend to trust (``X-Auth-Request-*``, ``Remote-User``,
+``X-Original-URL``, ``True-Client-IP``, ``X-HTTP-Method-Override``, ...; a route may forward named
+ones, ``forward_identity_headers``) and ``Expect`` (the gateway's server answers
+``100-continue`` itself, RFC 9110 §10.1.1); plus ``Authorization: Bearer`` and our own
+``X-Forwarded-*``.
 
 What a client sees of an upstream answer: its headers minus hop-by-hop ones, minus any
 ``Set-Cookie`` for the gateway's own cookies, and minus its ``Date``: the server the gateway runs
@@ -42,7 +46,36 @@ _STRIPPED_REQUEST = HOP_BY_HOP | {
     "x-forwarded-port",
     "x-forwarded-prefix",
     "x-real-ip",
+    # An upstream that never sends 100 would wait for a body the forwarder holds back until
+    # it does (review finding 7); the client's own server already answered the expectation.
+    "expect",
 }
+# Client headers that claim an identity, an original URL, a client address or another method
+# (review finding 7): an upstream behind a BFF may trust them, so they are dropped unless the
+# route forwards them by name. The gateway's own forward-auth identity headers are among them.
+_IDENTITY_AND_OVERRIDE = frozenset(
+    {
+        b"remote-user",
+        b"x-remote-user",
+        b"x-user",
+        b"x-email",
+        b"x-original-url",
+        b"x-original-uri",
+        b"x-rewrite-url",
+        b"x-envoy-original-path",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+    }
+)
+# ...and every name of these families (oauth2-proxy's X-Forwarded-User/-Email/-Groups, the
+# proxies' X-Forwarded-Server/-Scheme/-Ssl, the gateway's own X-Auth-Request-User/-Email).
+_IDENTITY_PREFIXES = (b"x-forwarded-", b"x-auth-request-")
 _REQUEST_ID = b"x-request-id"
 _REQUEST_REMOVE = frozenset(n.encode() for n in _STRIPPED_REQUEST)
 # What one membership test per header drops, by (forward_cookies, replace the request id).
@@ -60,6 +93,25 @@ _COOKIE_ONLY = frozenset({b"cookie"})
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close", b"upgrade"})
 
 RawHeaders = list[tuple[bytes, bytes]]
+
+
+def is_identity_or_override(name: bytes) -> bool:
+    """Whether a (lower-case) request header name is one the upstream never sees from a client
+    unless its route forwards it by name (see ``_IDENTITY_AND_OVERRIDE``)."""
+    return name in _IDENTITY_AND_OVERRIDE or name.startswith(_IDENTITY_PREFIXES)
+
+
+def check_forwardable_identity_header(name: str) -> str:
+    """A route's ``forward_identity_headers`` entry, lower-cased; ValueError for a name that is
+    no identity or override header (it is forwarded anyway) or that the gateway sets itself."""
+    lowered = name.strip().lower()
+    raw = lowered.encode("latin-1", errors="replace")
+    if raw in _REQUEST_REMOVE:
+        raise ValueError(f"{name!r} is set or removed by the gateway itself, never forwarded")
+    if not is_identity_or_override(raw):
+        raise ValueError(f"{name!r} is not an identity or override header (those pass anyway)")
+    return lowered
+
 
 # Header names for the upstream as multidict's ``istr``: the forwarder (aiohttp) files every
 # name into case-insensitive dicts three times, and an ``istr`` carries its folded form where
@@ -167,7 +219,14 @@ class RequestHeaderPlan:
     length of names (a client chooses them); a name beyond it is decided again each time.
     """
 
-    __slots__ = ("_decisions", "_forward_cookies", "_gateway_cookies", "_remove", "_wanted")
+    __slots__ = (
+        "_decisions",
+        "_forward_cookies",
+        "_forward_identity",
+        "_gateway_cookies",
+        "_remove",
+        "_wanted",
+    )
 
     def __init__(
         self,
@@ -176,11 +235,13 @@ class RequestHeaderPlan:
         gateway_cookies: frozenset[bytes],
         forward_cookies: bool = False,
         replace_request_id: bool = False,
+        forward_identity: frozenset[bytes] = _NOTHING,
     ) -> None:
         self._wanted = wanted
         self._remove = _REQUEST_REMOVE_BY[(forward_cookies, replace_request_id)]
         self._gateway_cookies = gateway_cookies
         self._forward_cookies = forward_cookies
+        self._forward_identity = forward_identity  # lower-case names the route lets through
         # raw name -> (name for the upstream: an ``istr``, a falsy marker whose value decides,
         # or None to drop; the lower-case name if wanted, else None)
         self._decisions: dict[bytes, tuple[str | None, bytes | None]] = {}
@@ -195,7 +256,11 @@ class RequestHeaderPlan:
             decision = (_CONNECTION, wanted)
         elif name == b"cookie" and self._forward_cookies:
             decision = (_FORWARDED_COOKIE, wanted)
-        elif not name or name in self._remove:  # (an empty name is no HTTP field name)
+        elif (
+            not name  # (an empty name is no HTTP field name)
+            or name in self._remove
+            or (is_identity_or_override(name) and name not in self._forward_identity)
+        ):
             decision = (None, wanted)
         else:
             decision = (_NAMES.get(name) or _new_upstream_name(name), wanted)
@@ -246,6 +311,7 @@ def scan_request_headers(
     gateway_cookies: frozenset[bytes],
     forward_cookies: bool = False,
     replace_request_id: bool = False,
+    forward_identity: frozenset[bytes] = _NOTHING,
 ) -> tuple[int, dict[bytes, str], list[tuple[str, str]]]:
     """:meth:`RequestHeaderPlan.scan` for a one-off policy (the proxy keeps its plans)."""
     return RequestHeaderPlan(
@@ -253,6 +319,7 @@ def scan_request_headers(
         gateway_cookies=gateway_cookies,
         forward_cookies=forward_cookies,
         replace_request_id=replace_request_id,
+        forward_identity=forward_identity,
     ).scan(headers)
 
 
@@ -292,6 +359,7 @@ def build_upstream_headers(
     bearer: str | None,
     forward_cookies: bool = False,
     request_id: str | None = None,
+    forward_identity: frozenset[bytes] = _NOTHING,
 ) -> list[tuple[str, str]]:
     """The request headers an upstream receives (see module docstring); with ``request_id``,
     that one replaces any ``X-Request-ID`` the client sent."""
@@ -301,6 +369,7 @@ def build_upstream_headers(
         gateway_cookies=gateway_cookies,
         forward_cookies=forward_cookies,
         replace_request_id=request_id is not None,
+        forward_identity=forward_identity,
     )
     return add_forwarding(
         out,

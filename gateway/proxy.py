@@ -17,6 +17,8 @@ import aiohttp
 from yarl import URL
 
 from .errors import GatewayError, UpstreamError, UpstreamTimeout
+from .settings import UpstreamPoolSettings
+from .upstream_slots import Slots, UpstreamSlots
 
 logger = logging.getLogger("gateway.proxy")
 
@@ -59,18 +61,39 @@ class UpstreamClient(Protocol):
 
 class AiohttpUpstreamClient:
     """Forwards with one shared aiohttp ClientSession (keep-alive pool, no cookie jar, no
-    decompression: bytes pass through exactly as the upstream sent them)."""
+    decompression: bytes pass through exactly as the upstream sent them).
 
-    def __init__(self, *, pool_size: int = 1000) -> None:
-        self._pool_size = pool_size
+    Requests in flight are bounded per upstream and in all (:class:`UpstreamSlots`), with a
+    bounded wait for a free one; aiohttp's own connector limit is off (the slots are it).
+    """
+
+    def __init__(
+        self,
+        *,
+        pool_size: int = 1000,
+        per_upstream: int | None = None,
+        acquire_timeout: float = 5.0,
+    ) -> None:
+        self._slots = UpstreamSlots(
+            total=pool_size,
+            per_upstream=pool_size if per_upstream is None else per_upstream,
+            acquire_timeout=acquire_timeout,
+        )
+        self._slots_by_route: dict[str, Slots] = {}  # route names come from the config
         self._session: aiohttp.ClientSession | None = None
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}  # per route timeout, built once
 
+    @classmethod
+    def from_settings(cls, pool: UpstreamPoolSettings) -> AiohttpUpstreamClient:
+        return cls(
+            pool_size=pool.max_connections,
+            per_upstream=pool.max_connections_per_upstream,
+            acquire_timeout=pool.acquire_timeout,
+        )
+
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=self._pool_size, limit_per_host=0, keepalive_timeout=30
-            )
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=30)
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 cookie_jar=aiohttp.DummyCookieJar(),
@@ -95,6 +118,13 @@ class AiohttpUpstreamClient:
             client_timeout = self._timeouts[timeout] = aiohttp.ClientTimeout(
                 total=None, sock_connect=min(timeout, 10.0), sock_read=timeout
             )
+        slots = self._slots_by_route.get(route)
+        if slots is None:
+            # The upstream's origin: scheme://host:port, up to the path (always present).
+            origin = url[: url.find("/", url.find("//") + 2)]
+            slots = self._slots_by_route[route] = self._slots.for_origin(origin)
+        if not self._slots.try_take(slots):
+            await self._slots.take(slots, route)
         try:
             response = await self._client().request(
                 method,
@@ -104,16 +134,19 @@ class AiohttpUpstreamClient:
                 allow_redirects=False,
                 timeout=client_timeout,
             )
-        except GatewayError:
-            raise  # from the request body: too large, or the client went away
-        except Exception as exc:  # (KeyboardInterrupt, SystemExit, cancellation: not ours)
+        except BaseException as exc:
+            self._slots.give_back(slots)
+            # The request body's own failure (413, 408, the client gone) stays what it is, and
+            # so do cancellation, KeyboardInterrupt and SystemExit: only the client's errors map.
+            if isinstance(exc, GatewayError) or not isinstance(exc, Exception):
+                raise
             raise map_upstream_error(exc, route) from exc
         # Positional: keyword arguments to a class cost a dict per call.
         return UpstreamResponse(
             response.status,
             response.raw_headers,
             _Body(response, route),
-            response.release,
+            _Release(response, self._slots, slots).close,
             response.content.at_eof,
         )
 
@@ -121,6 +154,26 @@ class AiohttpUpstreamClient:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class _Release:
+    """Closes an upstream answer: its connection back to the pool (or closed), its slot
+    given back, once."""
+
+    __slots__ = ("_pool", "_response", "_slots")
+
+    def __init__(
+        self, response: aiohttp.ClientResponse, pool: UpstreamSlots, slots: Slots | None
+    ) -> None:
+        self._response = response
+        self._pool = pool
+        self._slots = slots
+
+    def close(self) -> None:
+        self._response.release()
+        slots, self._slots = self._slots, None
+        if slots is not None:
+            self._pool.give_back(slots)
 
 
 def map_upstream_error(exc: BaseException, route: str) -> BaseException:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 from starlette.types import Receive, Scope, Send
@@ -17,7 +16,6 @@ from starlette.types import Receive, Scope, Send
 from .authorize import PUBLIC, Authorizer
 from .connections import ConnectionRegistry
 from .errors import (
-    ClientDisconnected,
     GatewayError,
     HeadersTooLarge,
     InvalidPath,
@@ -35,6 +33,7 @@ from .metrics import UNMATCHED_ROUTE
 from .observability import REQUEST_ID_HEADER, RequestContext, bind_request_id
 from .own_paths import is_owned_path
 from .proxy import UpstreamClient, UpstreamResponse
+from .request_body import RequestBody
 from .routing import Route, RouteTable, normalize_path
 from .settings import LimitSettings
 
@@ -43,37 +42,12 @@ logger = logging.getLogger("gateway.proxy")
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "DELETE", "TRACE"})
 
 
-class _RequestBody:
-    """The client's request body as an async iterator, counted against the route's limit."""
-
-    def __init__(self, receive: Receive, limit: int) -> None:
-        self._receive = receive
-        self.limit = limit
-        self.too_large = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        total = 0
-        while True:
-            message = await self._receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected
-            chunk: bytes = message.get("body", b"")
-            total += len(chunk)
-            if self.limit and total > self.limit:
-                self.too_large = True
-                raise PayloadTooLarge(f"the request body is over {self.limit} bytes")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
-
-
 def proxied_path(raw_path: str) -> str:
     """``normalize_path`` of a path the dispatcher did not take for the gateway's own, without
     its cost for the common, already-normal path: printable ASCII with no percent-encoding to
-    judge, no backslash and no segment starting with a dot (normalize_path would return it
-    unchanged, and the dispatcher has seen it as it is). String methods: a regular expression's
-    search costs several times as much on every proxied request.
+    judge, no backslash, no segment starting with a dot and no empty segment (normalize_path
+    would return it unchanged, and the dispatcher has seen it as it is). String methods: a
+    regular expression's search costs several times as much on every proxied request.
 
     A path that only normalises to one of the gateway's own (``/%61uth/me``, ``/x/../metrics``)
     is refused rather than proxied: the gateway's paths are never a route's.
@@ -85,6 +59,7 @@ def proxied_path(raw_path: str) -> str:
         and "%" not in raw_path
         and "\\" not in raw_path
         and "/." not in raw_path
+        and "//" not in raw_path  # merged by normalize_path (review finding 1)
     ):
         return raw_path
     path = normalize_path(raw_path)
@@ -125,32 +100,35 @@ class ProxyEndpoint:
         self._gateway_cookies = gateway_cookies
         self._max_header_bytes = limits.max_header_bytes
         self._max_body_bytes = limits.max_body_bytes
+        self._body_idle = limits.body_idle_timeout
+        self._buffer_up_to = limits.buffered_body_bytes
         self._site = site
         self._login_url = login_url
         self._own_headers = own_headers  # on the redirect to login (see dispatch.py)
         # The request headers the hot path reads, collected in one pass. A route without a
         # token reads only the body's framing and the request id; a token route also what the
         # authorization policy reads and Accept (login redirect). One plan per kind of route
-        # (token or not, forwarding cookies or not), found by the route's name.
+        # (token or not, forwarding cookies or not, identity headers it forwards), found by
+        # the route's name.
         common = {b"content-length", b"transfer-encoding", REQUEST_ID_HEADER}
         for_token = {b"accept", *authorizer.wanted}
-        plans = {
-            (needs_token, forward_cookies): RequestHeaderPlan(
-                wanted=frozenset(common | for_token if needs_token else common),
-                gateway_cookies=gateway_cookies,
-                forward_cookies=forward_cookies,
-                replace_request_id=True,
-            )
-            for needs_token in (False, True)
-            for forward_cookies in (False, True)
-        }
-        self._header_plans = {
-            route.name: plans[(route.needs_token, route.forward_cookies)] for route in routes
-        }
+        plans: dict[tuple[bool, bool, frozenset[bytes]], RequestHeaderPlan] = {}
+        self._header_plans: dict[str, RequestHeaderPlan] = {}
+        for route in routes:
+            kind = (route.needs_token, route.forward_cookies, route.forward_identity_headers)
+            if kind not in plans:
+                plans[kind] = RequestHeaderPlan(
+                    wanted=frozenset(common | for_token if route.needs_token else common),
+                    gateway_cookies=gateway_cookies,
+                    forward_cookies=route.forward_cookies,
+                    replace_request_id=True,
+                    forward_identity=route.forward_identity_headers,
+                )
+            self._header_plans[route.name] = plans[kind]
 
     def _request_body(
         self, size: int, found: dict[bytes, str], method: str, route: Route, receive: Receive
-    ) -> _RequestBody | None:
+    ) -> RequestBody | None:
         """Refuse headers over their limit and a declared body over the route's; the body to
         stream (counted against that limit as it arrives), or None for a request without one."""
         if size > self._max_header_bytes:
@@ -169,9 +147,19 @@ class ProxyEndpoint:
                 and (len(length) > 18 or int(length) > limit)
             ):
                 raise PayloadTooLarge(f"the request body is over {limit} bytes")
-            return _RequestBody(receive, limit) if length not in ("", "0") else None
+            if length in ("", "0"):
+                return None
+            small = length.isascii() and length.isdigit() and len(length) <= 18
+            declared = int(length) if small else None
+            return RequestBody(
+                receive,
+                limit,
+                idle=self._body_idle,
+                declared=declared,
+                buffer_up_to=self._buffer_up_to,
+            )
         if b"transfer-encoding" in found or method not in _BODYLESS:
-            return _RequestBody(receive, limit)
+            return RequestBody(receive, limit, idle=self._body_idle)
         return None
 
     async def handle(
@@ -218,13 +206,13 @@ class ProxyEndpoint:
                 method,
                 url,
                 headers,
-                body.__aiter__() if body is not None else None,
+                await body.ready() if body is not None else None,
                 timeout=route.timeout,
                 route=route.name,
             )
         except GatewayError:
-            if body is not None and body.too_large:
-                raise PayloadTooLarge(f"the request body is over {body.limit} bytes") from None
+            if body is not None and body.failure is not None:  # 413 or 408, not the upstream's
+                raise body.failure from None
             raise
         finally:
             context.upstream_seconds = time.perf_counter() - sent_at  # to response headers

@@ -19,7 +19,15 @@ def _decode_unreserved(segment: str) -> str:
 
 
 def normalize_path(raw_path: str) -> str:
-    """Resolve ``.``/``..`` segments of a raw (still percent-encoded) path, RFC 3986 §5.2.4.
+    """Merge repeated slashes, then resolve ``.``/``..`` segments of a raw (still
+    percent-encoded) path, RFC 3986 §5.2.4.
+
+    Slashes are merged first because every data plane in front of the gateway does so (nginx
+    ``merge_slashes``, Traefik, Go's ``path.Clean``, Envoy ``merge_slashes``): were the empty
+    segment of ``/api//../billing`` kept, ``..`` would pop it and the gateway would judge
+    ``/api/billing`` (the orders route) while the data plane routes ``/billing`` (issue
+    "Findings of an adversarial review", item 1). The proxy forwards the merged path too, so
+    that forward-auth and the proxy route every path alike.
 
     Segments are judged after percent-decoding, so ``%2e%2e`` counts as ``..``; a segment that
     decodes to a slash or backslash, a NUL or control character, or a ``..`` climbing above the
@@ -44,6 +52,8 @@ def normalize_path(raw_path: str) -> str:
             # `..;x` is `..` to servers that drop path parameters (Tomcat, Jetty, Spring).
             raise InvalidPath("the path contains a dot segment with parameters")
         last = index == len(segments) - 1
+        if not segment and not last:
+            continue  # `//`: merged (a trailing slash is the last, empty segment: kept)
         if decoded == ".":
             if last:
                 out.append("")
@@ -78,6 +88,8 @@ class Route:
     timeout: float = field(init=False)
     strip_prefix: bool = field(init=False)
     max_body_bytes: int | None = field(init=False)  # None: the global limit
+    # Client identity/override headers this route forwards anyway (headers.py), lower-case.
+    forward_identity_headers: frozenset[bytes] = field(init=False)
     _base: str = field(init=False)  # what a path is appended to (no strip_prefix)
     _stripped_base: str = field(init=False)  # what the rest after the prefix is appended to
 
@@ -93,6 +105,11 @@ class Route:
         set_field(self, "timeout", self.settings.timeout)
         set_field(self, "strip_prefix", self.settings.strip_prefix)
         set_field(self, "max_body_bytes", self.settings.max_body_bytes)
+        set_field(
+            self,
+            "forward_identity_headers",
+            frozenset(name.encode("latin-1") for name in self.settings.forward_identity_headers),
+        )
         set_field(self, "_base", self.upstream_origin + self.upstream_path.rstrip("/"))
         set_field(self, "_stripped_base", self.upstream_origin + self.upstream_path)
 

@@ -95,7 +95,9 @@ class Services:
             login_url=self.login_url,
             on_session_ended=self.end_session,
         )
-        self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient()
+        self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient.from_settings(
+            settings.upstream_pool
+        )
         self.metrics_port: int | None = None  # bound port of metrics.port's listener
         self.started = False  # discovery and JWKS fetched (ensure_started)
         self._start_lock = asyncio.Lock()

@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource
 
 from . import own_paths
 from .errors import ConfigError
+from .headers import check_forwardable_identity_header
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -274,6 +275,37 @@ class MetricsSettings(_Section):
 class LimitSettings(_Section):
     max_body_bytes: int = Field(0, ge=0, description="0 = unlimited; over it: 413.")
     max_header_bytes: int = Field(65536, ge=1024, description="Request headers over it: 431.")
+    body_idle_timeout: Duration = Field(
+        15.0,
+        description="A request body that sends nothing for this long is cut: 408, and its "
+        "upstream request is abandoned (the connection closed). 0 = wait for ever.",
+    )
+    buffered_body_bytes: int = Field(
+        65536,
+        ge=0,
+        description="A request body whose Content-Length is at most this is read whole before "
+        "an upstream connection is taken, so a slow sender holds none. 0 = always stream.",
+    )
+
+
+class UpstreamPoolSettings(_Section):
+    """The connections to upstreams: one pool, shared fairly (review finding 2)."""
+
+    max_connections: int = Field(
+        1000, ge=1, description="Upstream requests in flight at once, all upstreams together."
+    )
+    max_connections_per_upstream: int = Field(
+        250,
+        ge=1,
+        description="Upstream requests in flight at once to one upstream (scheme, host, port), "
+        "so that one route or upstream cannot take every connection.",
+    )
+    acquire_timeout: Duration = Field(
+        5.0,
+        gt=0,
+        description="How long a request waits for a free upstream connection; then 503 "
+        "upstream_busy with Retry-After.",
+    )
 
 
 class RouteSettings(_Section):
@@ -306,6 +338,19 @@ class RouteSettings(_Section):
         description="Forward the browser's other cookies (never the gateway's own) upstream.",
     )
     max_body_bytes: int | None = Field(None, ge=0, description="Override limits.max_body_bytes.")
+    forward_identity_headers: list[str] = Field(
+        default_factory=list,
+        description="Identity and override headers a client sent that this route still "
+        "forwards (by default the gateway drops X-Auth-Request-*, X-Forwarded-* beyond its own, "
+        "Remote-User, X-Original-URL, X-Rewrite-URL, True-Client-IP, X-Client-IP, "
+        "X-HTTP-Method-Override and the like: upstreams tend to trust them). Names, e.g. "
+        "[X-HTTP-Method-Override].",
+    )
+
+    @field_validator("forward_identity_headers")
+    @classmethod
+    def _identity_header_names(cls, value: list[str]) -> list[str]:
+        return [check_forwardable_identity_header(name) for name in value]
 
     @field_validator("prefix")
     @classmethod
@@ -382,6 +427,7 @@ class Settings(BaseSettings):
     log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
     limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
+    upstream_pool: UpstreamPoolSettings = Field(default_factory=UpstreamPoolSettings)  # type: ignore[arg-type]
     routes: list[RouteSettings] = Field(default_factory=list, description="The route table.")
     static: StaticSettings | None = Field(
         None, description="Serve a static front end from the gateway (off by default)."

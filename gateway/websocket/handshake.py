@@ -144,6 +144,7 @@ class WebSocketEndpoint:
             host=self._public_host,
             bearer=None,
             forward_cookies=route.forward_cookies,
+            forward_identity=route.forward_identity_headers,
             # As on HTTP: a valid X-Request-ID goes on, anything else gives way to a new one.
             request_id=incoming_request_id(scope["headers"]) or new_request_id(),
         )

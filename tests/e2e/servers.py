@@ -346,6 +346,10 @@ class ServerThread:
         except BaseException as exc:  # reported by the starter / stop()
             self._error = exc
 
+    def open_connections(self) -> int:
+        """Client connections uvicorn holds open right now (read from its thread's state)."""
+        return len(self._server.server_state.connections)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Ask uvicorn to exit, wait for the thread, close the socket."""
         self._server.should_exit = True
@@ -531,6 +535,10 @@ class Upstream:
 
         methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
         return Starlette(routes=[Route("/{path:path}", handle, methods=methods)])
+
+    def open_connections(self) -> int:
+        """Connections (the gateway's, mostly) this upstream holds open right now."""
+        return self._server.open_connections()
 
     # -- lifecycle
     def stop(self) -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import jwt
 import pytest
 
 from .gateway_harness import CSRF, GatewayUnderTest, run_gateway, start_upstreams
@@ -119,8 +120,22 @@ def _worker_user() -> str:
     return f"user nobody {grp.getgrgid(nobody.pw_gid).gr_name};"
 
 
+def with_path_matching(conf: str) -> str:
+    """Every location lets the gateway match X-Original-URI (``set $mrrt_route "";``, the
+    alternative the documented config describes) instead of naming its route."""
+    matched = re.sub(r"set \$mrrt_route [a-z_]+;", 'set $mrrt_route "";', conf)
+    assert matched != conf, "the documented config lost its `set $mrrt_route` lines"
+    return matched
+
+
 def _write_config(
-    directory: Path, gw: GatewayUnderTest, *, port: int, secret: str, auth_cache: str
+    directory: Path,
+    gw: GatewayUnderTest,
+    *,
+    port: int,
+    secret: str,
+    auth_cache: str,
+    path_matching: bool = False,
 ) -> None:
     values = {
         "LISTEN": f"127.0.0.1:{port}",
@@ -133,6 +148,8 @@ def _write_config(
         "BILLING_SERVER": gw.upstreams["billing"].base_url.removeprefix("http://"),
     }
     conf = render(TEMPLATE.read_text(), values)
+    if path_matching:
+        conf = with_path_matching(conf)
     # /outside/ binds no route name: the gateway matches X-Original-URI (the other mode).
     conf = with_route_like_billing(
         conf, prefix="/outside/", route="", upstream=gw.upstreams["outside"].url
@@ -152,7 +169,11 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def run_nginx(
-    gw: GatewayUnderTest, *, secret: str = SECRET, auth_cache: str = "off"
+    gw: GatewayUnderTest,
+    *,
+    secret: str = SECRET,
+    auth_cache: str = "off",
+    path_matching: bool = False,
 ) -> Iterator[NginxUnderTest]:
     """nginx (``daemon off``) on an ephemeral loopback port, its own prefix, pid and logs."""
     directory = Path(tempfile.mkdtemp(prefix="mrrt-nginx-"))
@@ -163,7 +184,14 @@ def run_nginx(
     try:
         for attempt in range(BIND_ATTEMPTS):  # nginx binds itself: another process may race us
             port = free_port()
-            _write_config(directory, gw, port=port, secret=secret, auth_cache=auth_cache)
+            _write_config(
+                directory,
+                gw,
+                port=port,
+                secret=secret,
+                auth_cache=auth_cache,
+                path_matching=path_matching,
+            )
             process = subprocess.Popen(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
@@ -195,12 +223,14 @@ class Stack:
 
 
 @contextlib.contextmanager
-def run_stack(idp: IdpProcess, *, auth_cache: str = "off", secret: str = SECRET) -> Iterator[Stack]:
+def run_stack(
+    idp: IdpProcess, *, auth_cache: str = "off", secret: str = SECRET, path_matching: bool = False
+) -> Iterator[Stack]:
     forward_auth = {"enabled": True, "secret": SECRET}
     with (
         start_upstreams(idp) as upstreams,
         run_gateway(idp, upstreams, forward_auth=forward_auth) as gw,
-        run_nginx(gw, auth_cache=auth_cache, secret=secret) as nginx,
+        run_nginx(gw, auth_cache=auth_cache, secret=secret, path_matching=path_matching) as nginx,
     ):
         yield Stack(gw=gw, nginx=nginx)
 
@@ -328,3 +358,50 @@ async def test_nginx_auth_cache_serves_repeats_but_not_other_sessions_or_methods
     assert statuses[:10].count("HIT") == 9  # one subrequest reached the gateway
     assert no_csrf_post.status_code == 403  # a cached GET answer never serves a POST
     assert anonymous.status_code == 401  # nor another (here: no) session
+
+
+async def _raw_get(base_url: str, target: str, headers: dict[str, str]) -> int:
+    """GET ``target`` byte for byte (an HTTP client would resolve its dot segments first, as
+    ``curl --path-as-is`` does not); the status of the answer."""
+    host, _, port = base_url.removeprefix("http://").partition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        lines = [f"GET {target} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+        await asyncio.wait_for(reader.read(), timeout=10)
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(status_line.split()[1])
+
+
+def _bearer_audience(headers: dict[str, str]) -> object:
+    """The ``aud`` of the bearer token an upstream received (read, not verified)."""
+    token = headers["authorization"].removeprefix("Bearer ")
+    return jwt.decode(token, options={"verify_signature": False})["aud"]
+
+
+async def test_nginx_path_matching_merges_slashes_before_dot_segments_like_nginx(
+    idp: IdpProcess,
+) -> None:
+    """Review finding 1: nginx merges `//` first, so /api//../billing/leak is /billing/leak
+    and goes to the billing upstream; the gateway must mint billing's token for it, not the
+    orders API's (it kept the empty segment, and `..` popped that instead of `api`)."""
+    with run_stack(idp, path_matching=True) as stack:
+        async with stack.client() as client:
+            await stack.gw.login(client)
+            cookie = client.cookies.get("gw_session")
+        assert cookie
+        browser = {"Cookie": f"gw_session={cookie}", **CSRF}
+        statuses = [
+            await _raw_get(stack.nginx.base_url, target, browser)
+            for target in ("/api//../billing/leak", "/billing//..//api/x//y")
+        ]
+        billing = stack.gw.upstreams["billing"].requests
+        api = stack.gw.upstreams["api"].requests
+    assert [(r["path"], _bearer_audience(r["headers"])) for r in billing] == [("/leak", BILLING)]
+    assert [(r["path"], _bearer_audience(r["headers"])) for r in api] == [("/x/y", API)]
+    assert statuses == [200, 200]

@@ -464,3 +464,43 @@ async def test_a_request_cancelled_before_any_answer_is_counted_and_logged_as_49
     assert line.status == 499  # type: ignore[attr-defined]
     assert re.fullmatch(r"[0-9a-f]{32}", line.request_id)  # type: ignore[attr-defined]
     assert _metric(app, "gateway_requests_total", route="status", status="499") == 1
+
+
+async def test_client_identity_headers_reach_an_upstream_only_where_its_route_names_them() -> None:
+    """Review finding 7: upstreams behind a BFF tend to trust these; a client's copy never
+    goes on, unless its route forwards that name."""
+    settings = make_settings(
+        routes=[
+            {"prefix": "/status/", "upstream": "http://127.0.0.1:9/", "auth": "none"},
+            {
+                "prefix": "/legacy/",
+                "upstream": "http://127.0.0.1:9/",
+                "auth": "none",
+                "forward_identity_headers": ["X-HTTP-Method-Override"],
+            },
+        ]
+    )
+    upstream = RecordingUpstream()
+    app = create_app(settings, upstream=upstream)
+    sent = {
+        "X-Auth-Request-User": "admin",
+        "X-Auth-Request-Email": "admin@example.com",
+        "X-Forwarded-User": "admin",
+        "Remote-User": "admin",
+        "X-Original-URL": "/admin",
+        "X-Rewrite-URL": "/admin",
+        "True-Client-IP": "10.0.0.1",
+        "X-Client-IP": "10.0.0.1",
+        "X-Forwarded-Server": "internal",
+        "X-Forwarded-Scheme": "https",
+        "X-HTTP-Method-Override": "DELETE",
+        "Expect": "100-continue",
+    }
+    async with _client(app) as client:
+        for path in ("/status/x", "/legacy/x"):
+            assert (await client.post(path, headers=sent, content=b"{}")).status_code == 200
+    names = [
+        {name.lower() for name, _ in headers} & {n.lower() for n in sent}
+        for _url, headers in upstream.calls
+    ]
+    assert names == [set(), {"x-http-method-override"}]

@@ -255,6 +255,15 @@ async def test_forward_auth_dot_segments_resolve_before_matching(gw: Running) ->
     assert response.status_code == 401
 
 
+async def test_forward_auth_merges_slashes_before_dot_segments_as_data_planes_do(
+    gw: Running,
+) -> None:
+    # nginx (merge_slashes), Traefik, Go's path.Clean and Envoy send /api//../billing/leak to
+    # the billing upstream: the token must be billing's, never the orders API's (review item 1).
+    response = await gw.forward({"X-Original-URI": "/api//../billing/leak"})
+    assert response.status_code == 200 and _audience(response) == BILLING
+
+
 async def test_forward_auth_matches_the_decoded_path_as_data_planes_route(gw: Running) -> None:
     # nginx and Envoy route /%61pi/orders as /api/orders: so does forward-auth.
     response = await gw.forward({"X-Original-URI": "/%61pi/orders"})

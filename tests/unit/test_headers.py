@@ -222,3 +222,41 @@ def test_a_plan_remembers_a_bounded_number_of_names_as_spelled() -> None:
     _, found, out = fresh.scan([(b"X-" + b"n" * 200, b"v"), (b"X-CSRF", b"1")])
     assert found == {b"x-csrf": "1"} and len(out) == 2
     assert list(fresh._decisions) == [b"X-CSRF"]  # a long name is decided, never kept
+
+
+# Review finding 7: what upstreams behind a BFF tend to trust, as a client could send it.
+IDENTITY_AND_OVERRIDE = [
+    (b"X-Auth-Request-User", b"admin"),
+    (b"X-Auth-Request-Email", b"admin@example.com"),
+    (b"X-Forwarded-User", b"admin"),
+    (b"Remote-User", b"admin"),
+    (b"X-Original-URL", b"/admin"),
+    (b"X-Rewrite-URL", b"/admin"),
+    (b"True-Client-IP", b"10.0.0.1"),
+    (b"X-Client-IP", b"10.0.0.1"),
+    (b"X-Forwarded-Server", b"internal"),
+    (b"X-Forwarded-Scheme", b"https"),
+    (b"X-HTTP-Method-Override", b"DELETE"),
+]
+
+
+def test_client_identity_and_override_headers_never_reach_an_upstream_by_default(
+    scan: Callable[..., Scanned],
+) -> None:
+    _, _, kept = scan([*IDENTITY_AND_OVERRIDE, (b"accept", b"*/*")])
+    assert kept == [("accept", "*/*")]
+
+
+def test_a_route_forwards_the_identity_headers_it_names_and_no_other(
+    scan: Callable[..., Scanned],
+) -> None:
+    allowed = frozenset({b"x-http-method-override", b"x-forwarded-user"})
+    _, _, kept = scan(IDENTITY_AND_OVERRIDE, forward_identity=allowed)
+    assert kept == [("x-forwarded-user", "admin"), ("x-http-method-override", "DELETE")]
+
+
+def test_expect_100_continue_is_not_forwarded(scan: Callable[..., Scanned]) -> None:
+    # The client's server answers the expectation; an upstream that never sends 100 would
+    # otherwise wait for a body the forwarder holds back (review finding 7).
+    _, _, kept = scan([(b"Expect", b"100-continue"), (b"content-length", b"5")])
+    assert kept == [("content-length", "5")]

@@ -27,6 +27,15 @@ NORMALISED = [
     ("/api/a%20b%2Fc"[:-4] + "%7e%2d%5F", "/api/a%20b~-_"),
     ("/api/%e2%82%ac", "/api/%e2%82%ac"),
     ("/", "/"),
+    # Slashes merge before dot segments resolve, as in nginx, Traefik, Go and Envoy (review
+    # finding 1): the empty segment is not what `..` pops.
+    ("/api//../billing/leak", "/billing/leak"),
+    ("/api/x//..//y", "/api/y"),
+    ("//api/orders", "/api/orders"),
+    ("/api//orders", "/api/orders"),
+    ("/api/orders//", "/api/orders/"),
+    ("/api/.//orders", "/api/orders"),
+    ("//", "/"),
 ]
 
 
@@ -137,6 +146,8 @@ def test_route_table_lookup_by_first_segment_agrees_with_the_longest_prefix_rule
         "/api/caf\xe9",
         "/api/\x85",
         "//double",
+        "/api//orders",
+        "/api/orders//",
         "",
     ],
 )

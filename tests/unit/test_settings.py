@@ -65,6 +65,9 @@ INVALID = [
     ("session.store", "postgres", "session.store"),
     ("session.secret_key", "short", "session.secret_key"),
     ("surprise", 1, "surprise"),
+    ("routes.0.forward_identity_headers", ["Authorization"], "forward_identity_headers"),
+    ("routes.0.forward_identity_headers", ["X-Forwarded-For"], "forward_identity_headers"),
+    ("routes.0.forward_identity_headers", ["Accept"], "forward_identity_headers"),
 ]
 
 
@@ -129,3 +132,9 @@ def test_example_configs_are_valid(monkeypatch: pytest.MonkeyPatch) -> None:
     root = Path(__file__).resolve().parents[2] / "config"
     for path in sorted(root.glob("*.yaml")):
         assert load_settings(path).routes, path
+
+
+def test_a_route_names_the_identity_headers_it_forwards_in_any_case() -> None:
+    route = {**BASE["routes"][0], "forward_identity_headers": ["X-HTTP-Method-Override"]}
+    settings = load_settings(None, **{**BASE, "routes": [route]})
+    assert settings.routes[0].forward_identity_headers == ["x-http-method-override"]
