@@ -8,18 +8,19 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from ..errors import LoginRequired
+from ..errors import LoginRequired, SessionStoreUnavailable
 from .base import CachedToken, Session
 
 MAX_PENDING_LOGINS = 100_000
+_RETRY_AFTER = 2  # seconds, as the Redis store's refused writes
 
 
 class MemorySessionStore:
     """Dict-backed store; expiry is checked on read and swept lazily.
 
-    Sessions are kept as objects (no serialization on the hot path); callers must treat a loaded
-    session as read-only and ``save`` a modified copy. ``save`` compacts the session's claims
-    (``Session.compact``): ~400 bytes less per session.
+    Sessions are kept as objects: ``load`` hands out the stored object itself, no copy per
+    request (ownership: see ``SessionStore``). ``save`` keeps the object it is given and
+    compacts its claims (``Session.compact``): ~400 bytes less per session.
     """
 
     def __init__(self, *, idle_timeout: float, clock: Callable[[], float] = time.time) -> None:
@@ -36,8 +37,16 @@ class MemorySessionStore:
         return min(self._clock() + self.idle_timeout, session.absolute_expiry)
 
     async def save(self, session: Session) -> None:
-        if session.rt_version > 0 and session.id not in self._sessions:
-            raise LoginRequired("the session has ended")
+        entry = self._sessions.get(session.id)
+        if entry is None:
+            if session.rt_version > 0:
+                raise LoginRequired("the session has ended")
+        elif entry[0].rt_version > session.rt_version:
+            # Fencing, as the Redis store: an older refresh token never replaces a rotated one.
+            raise SessionStoreUnavailable(
+                "a newer refresh token is already stored; stale write refused",
+                retry_after=_RETRY_AFTER,
+            )
         session.compact()
         self._sessions[session.id] = (session, self._deadline(session))
         self._writes += 1

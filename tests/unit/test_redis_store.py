@@ -296,17 +296,6 @@ async def test_redis_store_save_prunes_index_members_whose_session_expired(
         assert await raw.smembers(index) == {fresh.id.encode()}
 
 
-async def test_redis_store_stale_refresh_token_write_is_refused(store: RedisSessionStore) -> None:
-    session = make_session()
-    await store.save(session)
-    rotated = replace(session, refresh_token="rt-2", rt_version=1)
-    await store.save(rotated)
-    with pytest.raises(SessionStoreUnavailable, match="stale write"):
-        await store.save(replace(session, claims={"late": True}))
-    loaded = await store.load(session.id)
-    assert loaded is not None and loaded.refresh_token == "rt-2"
-
-
 async def test_redis_store_pending_login_is_single_use_across_instances() -> None:
     async with redis_store() as first:
         async with redis_store(prefix=prefix_of(first)) as second:
