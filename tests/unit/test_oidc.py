@@ -178,17 +178,26 @@ async def test_refresh_maps_transport_errors(
         await oidc.refresh("rt", audience=API, scopes=[])
 
 
-def test_every_httpx_transport_error_is_an_http_error() -> None:
-    """OIDCClient catches httpx.HTTPError: every transport error subclass must be one."""
+def _transport_errors(cls: type[httpx.TransportError]) -> list[type[httpx.TransportError]]:
+    found: list[type[httpx.TransportError]] = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_transport_errors(sub)]
+    return found
 
-    def subclasses(cls: type) -> set[type]:
-        found = set(cls.__subclasses__())
-        for sub in list(found):
-            found |= subclasses(sub)
-        return found
 
-    for cls in subclasses(httpx.TransportError):
-        assert issubclass(cls, httpx.HTTPError)
+@pytest.mark.parametrize(
+    "error", _transport_errors(httpx.TransportError), ids=lambda cls: cls.__name__
+)
+async def test_refresh_maps_every_transport_error_to_unavailable(
+    oidc: OIDCClient, idp: respx.MockRouter, error: type[httpx.TransportError]
+) -> None:
+    # Whatever httpx raises on the way to the IdP is a 503 with Retry-After, never a 500.
+    idp.post(TOKEN_URL).mock(side_effect=error("refresh-token-must-not-leak"))
+    with pytest.raises(IdentityProviderUnavailable) as caught:
+        await oidc.refresh("rt", audience=API, scopes=[])
+    assert "refresh-token-must-not-leak" not in caught.value.message
+    timed_out = issubclass(error, httpx.TimeoutException)
+    assert ("timed out" in caught.value.message) is timed_out
 
 
 async def test_discovery_unreachable_is_unavailable(settings: Settings) -> None:
