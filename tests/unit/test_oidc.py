@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -238,7 +238,7 @@ def _alg_none() -> str:
         "exp": now + 60,
         "nonce": "n1",
     }
-    return jwt.encode(claims, None, algorithm="none")
+    return jwt.encode(claims, "", algorithm="none")  # alg none takes no key
 
 
 def _other_key() -> str:
@@ -257,7 +257,7 @@ def _other_key() -> str:
     return sign(claims, key=other)
 
 
-BAD_ID_TOKENS = {
+BAD_ID_TOKENS: dict[str, Callable[[], str]] = {
     "wrong_nonce": lambda: id_token(nonce="other"),
     "wrong_aud": lambda: id_token(nonce="n1", aud="someone-else"),
     "wrong_iss": lambda: id_token(nonce="n1", iss="https://evil.example/"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.security_headers import SecurityHeadersMiddleware, mark_relayed
 
@@ -30,9 +30,9 @@ def endpoint(status: int, headers: list[tuple[bytes, bytes]], *, relayed: bool =
 async def run(
     app: Any, path: str, *, https: bool = False, root_path: str = ""
 ) -> dict[bytes, bytes]:
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     async def receive() -> dict[str, Any]:
