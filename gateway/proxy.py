@@ -108,7 +108,6 @@ class AiohttpUpstreamClient:
             raise
         except BaseException as exc:
             raise map_upstream_error(exc, route) from exc
-        # Positional: keyword arguments to a class cost a dict per call.
         return UpstreamResponse(
             response.status,
             response.raw_headers,
