@@ -94,6 +94,8 @@ class RawUpstream:
                 self.requests.append(request)
                 if not await self.script(request, writer):
                     break
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away midway, as some tests make it do
         finally:
             writer.close()
             self._writers.discard(writer)
