@@ -68,9 +68,17 @@ class MemorySessionStore:
         return session
 
     async def touch(self, session: Session) -> None:
-        if session.id in self._sessions:
-            session.last_seen = self._clock()
-            self._sessions[session.id] = (session, self._deadline(session))
+        # Slides the stored session's expiry and nothing else, as the Redis store: the caller's
+        # object may be older than the stored one (a rotation since it was loaded).
+        entry = self._sessions.get(session.id)
+        if entry is None:
+            return
+        stored, deadline = entry
+        now = self._clock()
+        if now >= deadline:  # idle-expired, not yet swept: touch never revives
+            return
+        stored.last_seen = session.last_seen = now
+        self._sessions[session.id] = (stored, self._deadline(stored))
 
     async def delete(self, session_id: str) -> Session | None:
         entry = self._sessions.get(session_id)

@@ -127,6 +127,36 @@ async def test_store_touch_slides_idle_expiry(
     assert await store.load(session.id) is not None
 
 
+async def test_store_touch_never_revives_an_idle_expired_session(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    store, clock = store_and_clock
+    session = make_session(clock)
+    await store.save(session)
+    clock.now += IDLE + 1
+    await store.touch(session)  # e.g. a request that loaded it just before it expired
+    assert await store.load(session.id) is None
+
+
+async def test_store_touch_with_an_older_copy_keeps_the_rotated_session(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    # touch slides the expiry of what is stored; it writes nothing else, so a request that
+    # loaded the session before a rotation cannot put the old refresh token back through it.
+    store, clock = store_and_clock
+    await store.save(make_session(clock))
+    before = await store.load(make_session(clock).id)
+    assert before is not None
+    await store.save(replace(before, refresh_token="rt-rotated", rt_version=1))
+    clock.now += 10
+    await store.touch(before)
+    loaded = await store.load(before.id)
+    assert loaded is not None
+    assert (loaded.refresh_token, loaded.rt_version) == ("rt-rotated", 1)
+    clock.now += IDLE - 5  # and the expiry did slide
+    assert await store.load(before.id) is not None
+
+
 async def test_store_absolute_expiry_wins_over_touch(
     store_and_clock: tuple[SessionStore, FakeClock],
 ) -> None:
