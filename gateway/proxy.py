@@ -141,7 +141,6 @@ class AiohttpUpstreamClient:
             if isinstance(exc, GatewayError) or not isinstance(exc, Exception):
                 raise
             raise map_upstream_error(exc, route) from exc
-        # Positional: keyword arguments to a class cost a dict per call.
         return UpstreamResponse(
             response.status,
             response.raw_headers,

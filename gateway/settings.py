@@ -417,17 +417,17 @@ class Settings(BaseSettings):
         env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid", frozen=True
     )
 
-    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)
     public_url: str = Field("http://127.0.0.1:8000", description="The URL browsers use.")
     oidc: OIDCSettings
-    session: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
-    tokens: TokenSettings = Field(default_factory=TokenSettings)  # type: ignore[arg-type]
-    csrf: CSRFSettings = Field(default_factory=CSRFSettings)  # type: ignore[arg-type]
-    forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)  # type: ignore[arg-type]
-    log: LogSettings = Field(default_factory=LogSettings)  # type: ignore[arg-type]
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
-    limits: LimitSettings = Field(default_factory=LimitSettings)  # type: ignore[arg-type]
-    upstream_pool: UpstreamPoolSettings = Field(default_factory=UpstreamPoolSettings)  # type: ignore[arg-type]
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    tokens: TokenSettings = Field(default_factory=TokenSettings)
+    csrf: CSRFSettings = Field(default_factory=CSRFSettings)
+    forward_auth: ForwardAuthSettings = Field(default_factory=ForwardAuthSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    upstream_pool: UpstreamPoolSettings = Field(default_factory=UpstreamPoolSettings)
     routes: list[RouteSettings] = Field(default_factory=list, description="The route table.")
     static: StaticSettings | None = Field(
         None, description="Serve a static front end from the gateway (off by default)."

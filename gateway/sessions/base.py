@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 
 class Claims(Mapping[str, Any]):
@@ -123,9 +123,18 @@ class CachedToken:
         return cls(**json.loads(raw))
 
 
-@runtime_checkable
 class SessionStore(Protocol):
-    """Where sessions, pending logins and shared access tokens live."""
+    """Where sessions, pending logins and shared access tokens live.
+
+    Ownership differs by backend, for speed: ``load`` may hand out the store's own ``Session``
+    object (the memory store: no copy on every request) or a private copy (the Redis store
+    decodes one). So a caller treats a loaded session as read-only, apart from
+    ``last_seen`` (which ``touch`` and SessionManager set), changes a session by saving a new
+    object (``dataclasses.replace(loaded, ...)``), and leaves an object alone once saved (the
+    store may keep it, and may compact its claims). What every store guarantees, and
+    tests/unit/test_session_stores.py checks: a later ``save`` or ``delete`` never changes a
+    session already handed out.
+    """
 
     idle_timeout: float
 
@@ -134,7 +143,8 @@ class SessionStore(Protocol):
 
         A session with ``rt_version > 0`` (a rotated refresh token) only replaces one that
         still exists: if it was deleted meanwhile (logout during an exchange), raise
-        SessionEnded rather than bring it back.
+        SessionEnded rather than bring it back. A session with a lower ``rt_version`` than the
+        stored one (an older refresh token) never replaces it: raise SessionStoreUnavailable.
         """
 
     async def load(self, session_id: str) -> Session | None:

@@ -37,16 +37,23 @@ _RETRY_MAX = 5.0
 
 
 class SessionEvents(Protocol):
-    """Delivers "session ended" to the other instances' handlers."""
+    """Delivers "session ended" to the other instances' handlers.
+
+    Each other instance under the same key prefix hears a publish once; the publisher never
+    hears its own (it closed its own connections already); a failing handler does not end the
+    subscription; ``publish`` and ``close`` never raise (fire-and-forget, see above). With one
+    process there are no others: LocalSessionEvents delivers nothing. One contract suite runs
+    on both: tests/unit/test_session_events.py.
+    """
 
     async def start(self, on_ended: SessionEndedHandler) -> None:
-        """Begin delivering other instances' news to ``on_ended`` (idempotent)."""
+        """Begin delivering other instances' news to ``on_ended``; again: the handler changes."""
 
     async def publish(self, session_id: str) -> None:
         """Tell the other instances that the session has ended."""
 
     async def close(self) -> None:
-        """Stop listening."""
+        """Stop listening (idempotent)."""
 
 
 class LocalSessionEvents:

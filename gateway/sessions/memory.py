@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from ..errors import SessionEnded, TooManyPendingLogins
+from ..errors import SessionEnded, SessionStoreUnavailable, TooManyPendingLogins
 from ..retry_after import cap_retry_after
 from .base import CachedToken, Session
 
@@ -16,14 +16,15 @@ if TYPE_CHECKING:
     from ..settings import Settings
 
 MAX_PENDING_LOGINS = 10_000  # the default of session.max_pending_logins
+_RETRY_AFTER = 2  # seconds, as the Redis store's refused writes
 
 
 class MemorySessionStore:
     """Dict-backed store; expiry is checked on read and swept lazily.
 
-    Sessions are kept as objects (no serialization on the hot path); callers must treat a loaded
-    session as read-only and ``save`` a modified copy. ``save`` compacts the session's claims
-    (``Session.compact``): ~400 bytes less per session.
+    Sessions are kept as objects: ``load`` hands out the stored object itself, no copy per
+    request (ownership: see ``SessionStore``). ``save`` keeps the object it is given and
+    compacts its claims (``Session.compact``): ~400 bytes less per session.
     """
 
     def __init__(
@@ -55,8 +56,16 @@ class MemorySessionStore:
         return min(self._clock() + self.idle_timeout, session.absolute_expiry)
 
     async def save(self, session: Session) -> None:
-        if session.rt_version > 0 and session.id not in self._sessions:
-            raise SessionEnded("the session has ended")
+        entry = self._sessions.get(session.id)
+        if entry is None:
+            if session.rt_version > 0:
+                raise SessionEnded("the session has ended")
+        elif entry[0].rt_version > session.rt_version:
+            # Fencing, as the Redis store: an older refresh token never replaces a rotated one.
+            raise SessionStoreUnavailable(
+                "a newer refresh token is already stored; stale write refused",
+                retry_after=_RETRY_AFTER,
+            )
         session.compact()
         self._sessions[session.id] = (session, self._deadline(session))
         self._writes += 1
@@ -78,9 +87,17 @@ class MemorySessionStore:
         return session
 
     async def touch(self, session: Session) -> None:
-        if session.id in self._sessions:
-            session.last_seen = self._clock()
-            self._sessions[session.id] = (session, self._deadline(session))
+        # Slides the stored session's expiry and nothing else, as the Redis store: the caller's
+        # object may be older than the stored one (a rotation since it was loaded).
+        entry = self._sessions.get(session.id)
+        if entry is None:
+            return
+        stored, deadline = entry
+        now = self._clock()
+        if now >= deadline:  # idle-expired, not yet swept: touch never revives
+            return
+        stored.last_seen = session.last_seen = now
+        self._sessions[session.id] = (stored, self._deadline(stored))
 
     async def delete(self, session_id: str) -> Session | None:
         entry = self._sessions.get(session_id)

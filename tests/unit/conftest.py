@@ -68,7 +68,7 @@ def id_token(*, nonce: str, **overrides: Any) -> str:
     return sign({k: v for k, v in claims.items() if v is not None})
 
 
-DISCOVERY = {
+DISCOVERY: dict[str, Any] = {
     "issuer": ISSUER,
     "authorization_endpoint": ISSUER + "authorize",
     "token_endpoint": ISSUER + "oauth/token",

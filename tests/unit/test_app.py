@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import pytest
 import respx
+from starlette.types import ASGIApp
 
 from gateway import create_app
 
@@ -16,10 +17,10 @@ from .fakes import RecordingUpstream
 pytestmark = pytest.mark.anyio
 
 
-def _client(app: object) -> httpx.AsyncClient:
+def _client(app: ASGIApp) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="https://app.example.com"
-    )  # type: ignore[arg-type]
+    )
 
 
 async def test_public_route_and_me_work_while_idp_is_down() -> None:

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.anyio
 
 SECRET_KEY = "unit-test-secret-key-unit-test-secret-key"
 OTHER_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-EVENTS = {BACKCHANNEL_LOGOUT_EVENT: {}}
+EVENTS: dict[str, dict[str, Any]] = {BACKCHANNEL_LOGOUT_EVENT: {}}
 FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 

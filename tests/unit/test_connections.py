@@ -1,13 +1,9 @@
 """ConnectionRegistry, StreamGuard and the session-ended news: how a session's end reaches its
-open connections, in this process and (through Redis pub/sub) in the others."""
+open connections in this process (the news for other instances: test_session_events.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
@@ -20,14 +16,11 @@ from gateway.oidc import OIDCClient
 from gateway.routing import RouteTable
 from gateway.services import Services
 from gateway.sessions import MemorySessionStore, Session
-from gateway.sessions.events import LocalSessionEvents, RedisSessionEvents
 from gateway.tokens import TokenBroker
 
 from .conftest import DISCOVERY, make_settings
 
 pytestmark = pytest.mark.anyio
-
-REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 class Clock:
@@ -199,53 +192,3 @@ async def test_broker_invalid_grant_reports_the_session_ended() -> None:
                 await broker.access_token(session, route)
     assert ended == ["sess-1"]
     assert await store.load("sess-1") is None
-
-
-async def test_local_session_events_tell_nobody_else() -> None:
-    events = LocalSessionEvents()
-    seen: list[str] = []
-    await events.start(seen.append)
-    await events.publish("sess-1")
-    await events.close()
-    assert seen == []  # the ending instance closes its own connections directly
-
-
-@pytest.fixture
-async def redis_events() -> AsyncIterator[Any]:
-    prefix = f"gwtest-events-{uuid.uuid4().hex[:8]}:"
-    made: list[RedisSessionEvents] = []
-
-    async def factory() -> RedisSessionEvents:
-        events = RedisSessionEvents(url=REDIS_URL, key_prefix=prefix, timeout=2.0)
-        made.append(events)
-        return events
-
-    yield factory
-    for events in made:
-        await events.close()
-
-
-async def test_redis_session_events_reach_other_instances_not_the_sender(
-    redis_events: Any,
-) -> None:
-    a, b = await redis_events(), await redis_events()
-    seen_a: list[str] = []
-    seen_b: list[str] = []
-    await a.start(seen_a.append)
-    await b.start(seen_b.append)
-    assert a.channel == b.channel and a.channel.endswith("session-ended")
-    await a.publish("sess-1")
-    async with asyncio.timeout(2):
-        while not seen_b:
-            await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
-    assert seen_b == ["sess-1"] and seen_a == []
-
-
-async def test_redis_session_events_publish_without_redis_does_not_raise() -> None:
-    events = RedisSessionEvents(url="redis://127.0.0.1:9/0", key_prefix="gwtest:", timeout=0.2)
-    try:
-        await events.publish("sess-1")  # logged, not raised: logout must not fail on it
-        await events.start(lambda _id: None)  # returns after the timeout, retries later
-    finally:
-        await events.close()

@@ -18,6 +18,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
+from starlette.types import Message
 
 from gateway import create_app
 from gateway.errors import HeadersTooLarge, PayloadTooLarge
@@ -445,7 +446,7 @@ async def test_a_request_cancelled_before_any_answer_is_counted_and_logged_as_49
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         raise AssertionError("nothing may be sent")
 
     scope = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -184,17 +184,26 @@ async def test_refresh_maps_transport_errors(
         await oidc.refresh("rt", audience=API, scopes=[])
 
 
-def test_every_httpx_transport_error_is_an_http_error() -> None:
-    """OIDCClient catches httpx.HTTPError: every transport error subclass must be one."""
+def _transport_errors(cls: type[httpx.TransportError]) -> list[type[httpx.TransportError]]:
+    found: list[type[httpx.TransportError]] = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_transport_errors(sub)]
+    return found
 
-    def subclasses(cls: type) -> set[type]:
-        found = set(cls.__subclasses__())
-        for sub in list(found):
-            found |= subclasses(sub)
-        return found
 
-    for cls in subclasses(httpx.TransportError):
-        assert issubclass(cls, httpx.HTTPError)
+@pytest.mark.parametrize(
+    "error", _transport_errors(httpx.TransportError), ids=lambda cls: cls.__name__
+)
+async def test_refresh_maps_every_transport_error_to_unavailable(
+    oidc: OIDCClient, idp: respx.MockRouter, error: type[httpx.TransportError]
+) -> None:
+    # Whatever httpx raises on the way to the IdP is a 503 with Retry-After, never a 500.
+    idp.post(TOKEN_URL).mock(side_effect=error("refresh-token-must-not-leak"))
+    with pytest.raises(IdentityProviderUnavailable) as caught:
+        await oidc.refresh("rt", audience=API, scopes=[])
+    assert "refresh-token-must-not-leak" not in caught.value.message
+    timed_out = issubclass(error, httpx.TimeoutException)
+    assert ("timed out" in caught.value.message) is timed_out
 
 
 async def test_discovery_unreachable_is_unavailable(settings: Settings) -> None:
@@ -235,7 +244,7 @@ def _alg_none() -> str:
         "exp": now + 60,
         "nonce": "n1",
     }
-    return jwt.encode(claims, None, algorithm="none")
+    return jwt.encode(claims, "", algorithm="none")  # alg none takes no key
 
 
 def _other_key() -> str:
@@ -254,7 +263,7 @@ def _other_key() -> str:
     return sign(claims, key=other)
 
 
-BAD_ID_TOKENS = {
+BAD_ID_TOKENS: dict[str, Callable[[], str]] = {
     "wrong_nonce": lambda: id_token(nonce="other"),
     "wrong_aud": lambda: id_token(nonce="n1", aud="someone-else"),
     "wrong_iss": lambda: id_token(nonce="n1", iss="https://evil.example/"),

@@ -146,7 +146,8 @@ async def dump(raw: Redis, prefix: str) -> dict[bytes, list[bytes]]:
         elif kind == b"set":
             out[key] = [as_bytes(m) for m in await raw.smembers(key)]
         elif kind == b"zset":
-            out[key] = [as_bytes(m) for m in await raw.zrange(key, 0, -1)]
+            members = await raw.zrange(key, 0, -1)
+            out[key] = [as_bytes(m) for m in members if isinstance(m, bytes | str)]
         else:  # pragma: no cover - the store writes no other type
             raise AssertionError(f"unexpected {kind!r} at {key!r}")
     return out
@@ -298,17 +299,6 @@ async def test_redis_store_save_prunes_index_members_whose_session_expired(
     await store.save(fresh)  # e.g. the next login of the same user
     for index in [k async for k in raw.scan_iter(match=f"{prefix_of(store)}idx:*")]:
         assert await raw.smembers(index) == {fresh.id.encode()}
-
-
-async def test_redis_store_stale_refresh_token_write_is_refused(store: RedisSessionStore) -> None:
-    session = make_session()
-    await store.save(session)
-    rotated = replace(session, refresh_token="rt-2", rt_version=1)
-    await store.save(rotated)
-    with pytest.raises(SessionStoreUnavailable, match="stale write"):
-        await store.save(replace(session, claims={"late": True}))
-    loaded = await store.load(session.id)
-    assert loaded is not None and loaded.refresh_token == "rt-2"
 
 
 async def test_redis_store_pending_login_is_single_use_across_instances() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from gateway.access_log import AccessLog
 from gateway.dispatch import Dispatcher, OwnRoute
@@ -58,9 +58,9 @@ async def run(
     https: bool = False,
     root_path: str = "",
 ) -> dict[bytes, bytes]:
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     async def receive() -> dict[str, Any]:

@@ -15,6 +15,7 @@ import respx
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from starlette.applications import Starlette
+from starlette.types import Message
 
 from gateway import create_app
 from gateway.crypto import SessionCipher
@@ -271,17 +272,17 @@ async def call(app: Starlette, request: dict[str, Any]) -> tuple[int, list[tuple
         "client": ("203.0.113.9", 50000),
         "server": ("app.example.com", 443),
     }
-    sent: list[dict[str, Any]] = []
+    sent: list[Message] = []
     delivered = False
 
-    async def receive() -> dict[str, Any]:
+    async def receive() -> Message:
         nonlocal delivered
         if delivered:
             return {"type": "http.disconnect"}
         delivered = True
         return {"type": "http.request", "body": request["body"], "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: Message) -> None:
         sent.append(message)
 
     await app(scope, receive, send)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import replace
 
 import pytest
 
 from gateway.crypto import SessionCipher
-from gateway.errors import SessionEnded, TooManyPendingLogins
+from gateway.errors import SessionEnded, SessionStoreUnavailable, TooManyPendingLogins
 from gateway.sessions import CachedToken, MemorySessionStore, Session, SessionStore
 from gateway.sessions.manager import SessionManager
 from tests.unit.test_redis_store import redis_store
@@ -28,14 +29,14 @@ class FakeClock:
 
 
 MAX_PENDING = 5  # session.max_pending_logins of the stores under test
-StoreFactory = Callable[[FakeClock], AsyncIterator[SessionStore]]
+StoreFactory = Callable[[FakeClock], AsyncGenerator[SessionStore, None]]
 
 
-async def _memory(clock: FakeClock) -> AsyncIterator[SessionStore]:
+async def _memory(clock: FakeClock) -> AsyncGenerator[SessionStore, None]:
     yield MemorySessionStore(idle_timeout=IDLE, clock=clock, max_pending_logins=MAX_PENDING)
 
 
-async def _redis(clock: FakeClock) -> AsyncIterator[SessionStore]:
+async def _redis(clock: FakeClock) -> AsyncGenerator[SessionStore, None]:
     # A fresh key prefix per test, deleted afterwards; Redis keeps real time, the store's
     # read-side checks follow the fake clock.
     async with redis_store(idle_timeout=IDLE, clock=clock, max_pending_logins=MAX_PENDING) as store:
@@ -125,6 +126,36 @@ async def test_store_touch_slides_idle_expiry(
     await store.touch(session)
     clock.now += IDLE - 10
     assert await store.load(session.id) is not None
+
+
+async def test_store_touch_never_revives_an_idle_expired_session(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    store, clock = store_and_clock
+    session = make_session(clock)
+    await store.save(session)
+    clock.now += IDLE + 1
+    await store.touch(session)  # e.g. a request that loaded it just before it expired
+    assert await store.load(session.id) is None
+
+
+async def test_store_touch_with_an_older_copy_keeps_the_rotated_session(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    # touch slides the expiry of what is stored; it writes nothing else, so a request that
+    # loaded the session before a rotation cannot put the old refresh token back through it.
+    store, clock = store_and_clock
+    await store.save(make_session(clock))
+    before = await store.load(make_session(clock).id)
+    assert before is not None
+    await store.save(replace(before, refresh_token="rt-rotated", rt_version=1))
+    clock.now += 10
+    await store.touch(before)
+    loaded = await store.load(before.id)
+    assert loaded is not None
+    assert (loaded.refresh_token, loaded.rt_version) == ("rt-rotated", 1)
+    clock.now += IDLE - 5  # and the expiry did slide
+    assert await store.load(before.id) is not None
 
 
 async def test_store_absolute_expiry_wins_over_touch(
@@ -239,6 +270,51 @@ async def test_store_rotated_save_never_revives_a_deleted_session(
     assert await store.load(session.id) is None
 
 
+async def test_store_stale_refresh_token_write_is_refused(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    # Fencing: a request still holding the session from before a rotation must not put the
+    # old (now dead) refresh token back.
+    store, clock = store_and_clock
+    session = make_session(clock)
+    await store.save(session)
+    await store.save(replace(session, refresh_token="rt-rotated", rt_version=1))
+    with pytest.raises(SessionStoreUnavailable, match="stale write refused"):
+        await store.save(replace(session, claims={"late": True}))
+    loaded = await store.load(session.id)
+    assert loaded is not None
+    assert (loaded.refresh_token, loaded.rt_version, loaded.claims) == (
+        "rt-rotated",
+        1,
+        {"sub": "alice"},
+    )
+    # The same version may still be written (claims, expiry): only older ones are refused.
+    await store.save(replace(loaded, claims={"sub": "alice", "name": "Alice"}))
+    again = await store.load(session.id)
+    assert again is not None and again.claims == {"sub": "alice", "name": "Alice"}
+
+
+async def test_store_loaded_session_is_not_changed_by_later_writes(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    # What callers may rely on whether or not load copies (see the SessionStore docstring).
+    store, clock = store_and_clock
+    await store.save(make_session(clock))
+    loaded = await store.load(make_session(clock).id)
+    assert loaded is not None
+    await store.save(replace(loaded, refresh_token="rt-rotated", rt_version=1, claims={}))
+    assert (loaded.refresh_token, loaded.rt_version, loaded.claims) == (
+        "rt-secret",
+        0,
+        {"sub": "alice"},
+    )
+    rotated = await store.load(loaded.id)
+    assert rotated is not None and rotated.refresh_token == "rt-rotated"
+    await store.delete(loaded.id)
+    assert (rotated.refresh_token, rotated.rt_version) == ("rt-rotated", 1)
+    assert loaded.id == rotated.id == make_session(clock).id
+
+
 async def test_store_pop_login_is_single_use(
     store_and_clock: tuple[SessionStore, FakeClock],
 ) -> None:
@@ -287,7 +363,6 @@ async def _enter_and_leave(store: SessionStore, session_id: str) -> None:
 async def test_store_ping_answers(store_and_clock: tuple[SessionStore, FakeClock]) -> None:
     store, _ = store_and_clock
     await store.ping()
-    assert isinstance(store, SessionStore)
 
 
 async def test_store_remember_jti_is_true_once_until_ttl(
@@ -309,6 +384,8 @@ async def test_memory_store_load_now_answers_as_load() -> None:
     store = MemorySessionStore(idle_timeout=IDLE, clock=clock)
     session = make_session(clock)
     await store.save(session)
+    # The memory store hands out its own object (no copy per request): the documented
+    # difference from the Redis store, whose loads are private copies (SessionStore docstring).
     assert store.load_now(session.id) is session
     assert await store.load(session.id) is session
     assert store.load_now("no-such-session") is None

@@ -20,7 +20,7 @@ def _with(path: str, value: Any) -> dict[str, Any]:
     import copy
 
     data = copy.deepcopy(BASE)
-    target = data
+    target: Any = data
     keys = path.split(".")
     for key in keys[:-1]:
         target = target[int(key)] if key.isdigit() else target.setdefault(key, {})
