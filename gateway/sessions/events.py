@@ -134,7 +134,7 @@ class RedisSessionEvents:
                 logger.warning("session-end subscription lost (%s); retrying", type(exc).__name__)
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX)
 
