@@ -13,7 +13,7 @@
 # `docker stop` sends SIGTERM: in-flight requests get server.graceful_timeout (20 s) to finish,
 # so give the container a longer stop timeout than Docker's default 10 s.
 
-# -- build: the package and its runtime dependencies, into a venv ----------------------------
+# -- build: the wheel, then exactly the lock's runtime dependencies and the wheel, into a venv --
 FROM python:3.11-slim AS builder
 
 ENV PIP_NO_CACHE_DIR=1 \
@@ -21,16 +21,26 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 WORKDIR /src
+COPY requirements/runtime.txt requirements/build.txt ./requirements/
 COPY pyproject.toml README.md ./
 COPY gateway/ ./gateway/
-RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir . \
+# pip refuses any file whose hash is not in the lock; hatchling comes from the lock too (no
+# build isolation), and the wheel brings no dependency of its own choosing (--no-deps).
+RUN python -m venv /opt/build \
+    && /opt/build/bin/pip install --no-cache-dir --require-hashes -r requirements/build.txt \
+    && /opt/build/bin/python -m build --wheel --no-isolation --outdir /tmp/dist . \
+    && python -m venv /opt/venv \
+    && /opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements/runtime.txt \
+    && /opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/dist/*.whl \
     && /opt/venv/bin/pip uninstall --yes pip
 
 # -- run: the venv on a clean slim base, as an unprivileged user ------------------------------
 FROM python:3.11-slim
 
+# The package's version (gateway/version.py; a test keeps the two equal).
+ARG VERSION=0.1.0
 LABEL org.opencontainers.image.title="mrrt-gateway" \
+      org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.description="Backend-for-frontend gateway: session cookies in, correctly-audienced bearer tokens out" \
       org.opencontainers.image.licenses="Apache-2.0"
 

@@ -10,6 +10,7 @@ import math
 import sys
 from collections.abc import Sequence
 
+from . import __version__
 from .allocator import keep_freed_memory
 from .errors import ConfigError, GatewayError
 from .settings import Settings, load_settings
@@ -19,6 +20,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="serve the gateway with uvicorn")
     run.add_argument(

