@@ -46,14 +46,7 @@ class GatewayApp(Starlette):
 def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) -> Starlette:
     """The gateway as an ASGI app (standalone, or mounted with ``app.mount("/", ...)``)."""
     services = Services(settings, upstream=upstream)
-    authorizer = Authorizer(
-        services=services,
-        sessions=services.sessions,
-        broker=services.broker,
-        csrf_header=settings.csrf.header,
-        csrf_value=settings.csrf.value,
-        allowed_origins=settings.allowed_origins,
-    )
+    authorizer = Authorizer.from_services(services)
     own_headers = own_answer_headers(https=settings.is_https)
     gateway_cookies = services.sessions.cookie_names_bytes
     proxy = ProxyEndpoint(

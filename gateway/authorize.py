@@ -21,6 +21,7 @@ from typing import Protocol
 from .errors import LoginRequired
 from .routing import Route
 from .security import check_csrf, check_websocket_origin
+from .services import Services
 from .sessions.base import Session
 from .sessions.manager import SessionManager
 from .tokens import TokenBroker
@@ -65,6 +66,19 @@ class Authorizer:
         self._allowed_origins = tuple(allowed_origins)
         # The request headers the policy reads: callers collect them in their own header pass.
         self.wanted = frozenset({COOKIE, ORIGIN, SEC_FETCH_SITE, self.csrf_header})
+
+    @classmethod
+    def from_services(cls, services: Services) -> Authorizer:
+        """The policy of ``services``' settings, on its sessions and token broker."""
+        settings = services.settings
+        return cls(
+            services=services,
+            sessions=services.sessions,
+            broker=services.broker,
+            csrf_header=settings.csrf.header,
+            csrf_value=settings.csrf.value,
+            allowed_origins=settings.allowed_origins,
+        )
 
     async def authorize(
         self,

@@ -34,7 +34,27 @@ def normalize_path(raw_path: str) -> str:
     root is refused: each is a known way to make an upstream resolve a path outside the route.
     Encoded unreserved characters are decoded, so routes match what the upstream will see;
     the result keeps its original encoding otherwise.
+
+    Nearly every request's path is already normal: printable ASCII with no percent-encoding to
+    judge, no backslash, no segment starting with a dot and no empty one. Such a path is
+    returned as it is, after a few string methods (this runs on every proxied request; a
+    regular expression's search costs several times as much).
     """
+    if (
+        raw_path[:1] == "/"
+        and raw_path.isascii()
+        and raw_path.isprintable()
+        and "%" not in raw_path
+        and "\\" not in raw_path
+        and "/." not in raw_path
+        and "//" not in raw_path
+    ):
+        return raw_path
+    return _resolve(raw_path)
+
+
+def _resolve(raw_path: str) -> str:
+    """:func:`normalize_path`, segment by segment."""
     if not raw_path.startswith("/"):
         raise InvalidPath("the path must start with /")
     out: list[str] = []

@@ -53,7 +53,7 @@ def test_this_venv_holds_exactly_the_lock() -> None:
         canonicalize_name(d.metadata["Name"]): d.version
         for d in distributions(path=[p for p in sys.path if p.startswith(sys.prefix)])
     }
-    installed.pop("mrrt-gateway", None)
+    installed.pop(canonicalize_name("mrrt-gateway"), None)
     assert installed == wanted
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway import routing
 from gateway.errors import InvalidPath
 from gateway.own_paths import is_owned_path
 from gateway.proxy_endpoint import proxied_path
@@ -151,18 +152,18 @@ def test_route_table_lookup_by_first_segment_agrees_with_the_longest_prefix_rule
         "",
     ],
 )
-def test_the_proxys_plain_path_shortcut_equals_normalize_path(raw: str) -> None:
-    """The hot path skips normalize_path for a path it would return unchanged: never for
-    any other."""
+def test_the_shortcut_for_normal_paths_equals_resolving_them(raw: str) -> None:
+    """normalize_path returns an already-normal path as it is: never any other."""
     try:
-        expected: str | type[InvalidPath] = normalize_path(raw)
+        expected: str | type[InvalidPath] = routing._resolve(raw)
     except InvalidPath:
         expected = InvalidPath
-    try:
-        got: str | type[InvalidPath] = proxied_path(raw)
-    except InvalidPath:
-        got = InvalidPath
-    assert got == expected
+    for normalise in (normalize_path, proxied_path):
+        try:
+            got: str | type[InvalidPath] = normalise(raw)
+        except InvalidPath:
+            got = InvalidPath
+        assert got == expected
 
 
 @pytest.mark.parametrize("raw", ["/%61uth/me", "/x/../metrics", "/api/%2e%2e/healthz", "/./auth/"])

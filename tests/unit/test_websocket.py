@@ -278,14 +278,7 @@ async def start_harness(
     gateway.started = True  # no IdP here: the broker is replaced below
     endpoint = WebSocketEndpoint(
         routes=gateway.routes,
-        authorizer=Authorizer(
-            services=gateway,
-            sessions=gateway.sessions,
-            broker=gateway.broker,
-            csrf_header=settings.csrf.header,
-            csrf_value=settings.csrf.value,
-            allowed_origins=settings.allowed_origins,
-        ),
+        authorizer=Authorizer.from_services(gateway),
         connections=gateway.connections,
         gateway_cookies=gateway.sessions.cookie_names_bytes,
         max_header_bytes=settings.limits.max_header_bytes,
