@@ -12,7 +12,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.types import Receive, Scope, Send
 
 from . import own_paths
 from .access_log import AccessLog
@@ -29,18 +28,6 @@ from .services import Services
 from .settings import Settings
 from .static import StaticSite
 from .websocket import WebSocketEndpoint
-
-
-class GatewayApp(Starlette):
-    """Starlette for the lifespan (and ``app.state``); every request goes to the dispatcher."""
-
-    dispatcher: Dispatcher
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await super().__call__(scope, receive, send)
-        else:
-            await self.dispatcher(scope, receive, send)
 
 
 def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) -> Starlette:
@@ -103,8 +90,7 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         finally:
             await services.shutdown()
 
-    app = GatewayApp(lifespan=lifespan)
-    app.dispatcher = Dispatcher(
+    app = Dispatcher(
         own=own,
         own_subtrees=own_subtrees,
         static=(
@@ -117,6 +103,7 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         ),
         https=settings.is_https,
         error_headers=own_headers,
+        lifespan=lifespan,
     )
     app.state.services = services
     return app

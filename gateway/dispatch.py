@@ -23,9 +23,10 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Lifespan, Message, Receive, Scope, Send
 
 from .access_log import CLIENT_CLOSED_REQUEST, AccessLog
 from .errors import (
@@ -74,8 +75,11 @@ class OwnRoute:
         return cls(frozenset(allowed), app)
 
 
-class Dispatcher:
-    """The gateway's ASGI entry for ``http`` and ``websocket`` scopes (see module docstring)."""
+class Dispatcher(Starlette):
+    """The gateway's ASGI app (see module docstring). A Starlette app for its lifespan and
+    ``state``: the requests themselves never pass Starlette's middleware or router. Its own
+    ``__call__`` is the way in, with no coroutine of another object in between (every
+    resumption of a proxied request passes each coroutine frame on its way)."""
 
     def __init__(
         self,
@@ -88,7 +92,9 @@ class Dispatcher:
         access: AccessLog,
         https: bool,
         error_headers: tuple[tuple[bytes, bytes], ...],
+        lifespan: Lifespan[Starlette] | None = None,
     ) -> None:
+        super().__init__(lifespan=lifespan)
         self._own = own
         # An own endpoint that also answers every path below its own (forward-auth's
         # ``/auth/forward/<original path>``, Envoy's path_prefix).
@@ -101,9 +107,12 @@ class Dispatcher:
         self._error_headers = error_headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            if scope["type"] == "websocket":
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "websocket":
                 await self._websockets(scope, receive, send, _raw_path(scope))
+            elif kind == "lifespan":
+                await super().__call__(scope, receive, send)
             return
         started = time.perf_counter()
         # No request id yet: the proxy takes it from its one pass over the headers; the others

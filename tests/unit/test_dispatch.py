@@ -361,7 +361,7 @@ def test_request_body_limits_and_whether_there_is_a_body(
     method: str, found: dict[bytes, str], outcome: object
 ) -> None:
     app = create_app(LIMITED, upstream=RecordingUpstream())
-    endpoint = app.dispatcher._proxy  # type: ignore[attr-defined]
+    endpoint = app._proxy  # type: ignore[attr-defined]
     route = app.state.services.routes.match("/status/x")
 
     async def receive() -> dict[str, Any]:

@@ -283,21 +283,22 @@ async def test_no_answer_is_logged_as_client_closed_499(
     assert line["status"] == 499
 
 
-async def test_other_scopes_are_not_requests() -> None:
+async def test_the_lifespan_is_not_a_request() -> None:
     inner = Inner()
     app, metrics = _middleware(inner)
-    scope: dict[str, Any] = {"type": "lifespan"}
-    await app(scope, _never_receive, _never_send)
+    messages = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[str] = []
+
+    async def receive() -> Message:
+        return next(messages)
+
+    async def send(message: Message) -> None:
+        sent.append(message["type"])
+
+    await app({"type": "lifespan"}, receive, send)
+    assert sent == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert inner.headers == []  # never called
     assert _metric(metrics, "gateway_requests_total", route="gateway", status="200") == 0
-
-
-async def _never_receive() -> Message:
-    raise AssertionError
-
-
-async def _never_send(message: Message) -> None:
-    raise AssertionError
 
 
 async def test_every_line_logged_during_a_request_carries_its_id() -> None:
