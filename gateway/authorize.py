@@ -16,7 +16,6 @@ it may pass and with which bearer token. None of them keeps a copy of any step.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
 
 from .errors import LoginRequired
 from .routing import Route
@@ -31,14 +30,6 @@ ORIGIN = b"origin"
 SEC_FETCH_SITE = b"sec-fetch-site"
 
 
-class Startable(Protocol):
-    """What must have started before a token can be minted (``Services``)."""
-
-    started: bool
-
-    async def ensure_started(self) -> None: ...
-
-
 # What the policy allowed: the session (None on a public route) and the bearer token for the
 # route's audience (None on a public route). A plain pair: it is built on every proxied request.
 Grant = tuple[Session | None, str | None]
@@ -51,7 +42,7 @@ class Authorizer:
     def __init__(
         self,
         *,
-        services: Startable,
+        services: Services,
         sessions: SessionManager,
         broker: TokenBroker,
         csrf_header: str,

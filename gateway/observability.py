@@ -49,7 +49,7 @@ class RequestContext:
 
 
 def request_context(scope: Scope) -> RequestContext:
-    """The request's context, created on first use (so endpoints work without middleware)."""
+    """The request's context: the dispatcher's, or a new one for an endpoint called on its own."""
     context: RequestContext | None = scope.get(CONTEXT_KEY)
     if context is None:
         context = scope[CONTEXT_KEY] = RequestContext(request_id=new_request_id())

@@ -94,11 +94,6 @@ def validate_return_to(value: str | None, default: str = "/") -> str:
     return value
 
 
-def origin_of(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}"
-
-
 def check_csrf(
     *,
     method: str,
