@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 import respx
 from cryptography.hazmat.primitives.asymmetric import rsa
+from starlette.applications import Starlette
 
+from gateway import create_app
 from gateway.settings import Settings
 
 ISSUER = "https://tenant.eu.auth0.com/"
@@ -125,3 +129,13 @@ def idp() -> Iterator[respx.MockRouter]:
         router.get(ISSUER + ".well-known/openid-configuration").respond(json=DISCOVERY)
         router.get(ISSUER + ".well-known/jwks.json").respond(json=jwks())
         yield router
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
+    """The gateway app with its lifespan entered, and a client talking to it in process."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=settings.public_url) as client:
+            yield app, client

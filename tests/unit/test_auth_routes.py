@@ -4,35 +4,20 @@ logins an unauthenticated client can leave pending."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import pytest
 import respx
 from starlette.applications import Starlette
 
-from gateway import create_app
-from gateway.settings import Settings
 from tests.unit.test_redis_store import REDIS_URL, _delete_prefix
 
-from .conftest import DISCOVERY, make_settings
+from .conftest import DISCOVERY, make_settings, running_app
 
 pytestmark = pytest.mark.anyio
 
 SECRET_KEY = "unit-test-secret-key-unit-test-secret-key"
 ORIGIN = "https://app.example.com"
-
-
-@asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    """The gateway app with its lifespan entered, and a client talking to it in process."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=settings.public_url) as client:
-            yield app, client
 
 
 # -- logout without the anti-CSRF header (review item 3) ---------------------------------------

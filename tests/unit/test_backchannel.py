@@ -7,7 +7,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -17,7 +16,6 @@ import respx
 from cryptography.hazmat.primitives.asymmetric import rsa
 from starlette.applications import Starlette
 
-from gateway import create_app
 from gateway.backchannel import (
     BACKCHANNEL_LOGOUT_EVENT,
     MAX_BODY_BYTES,
@@ -28,7 +26,7 @@ from gateway.oidc import OIDCClient
 from gateway.settings import Settings
 from tests.unit.test_redis_store import redis_store
 
-from .conftest import CLIENT_ID, CLIENT_SECRET, ISSUER, KID, make_settings, sign
+from .conftest import CLIENT_ID, CLIENT_SECRET, ISSUER, KID, make_settings, running_app, sign
 from .test_oidc import EC_KEY, EC_KID, serve_keycloak_like_keys
 
 pytestmark = pytest.mark.anyio
@@ -143,16 +141,6 @@ async def test_validate_logout_token_refuses(oidc: OIDCClient, case: str) -> Non
 
 
 # -- the endpoint ------------------------------------------------------------------------------
-
-
-@asynccontextmanager
-async def running_app(settings: Settings) -> AsyncIterator[tuple[Starlette, httpx.AsyncClient]]:
-    """The gateway app with its lifespan entered, and a client talking to it in process."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=settings.public_url) as client:
-            yield app, client
 
 
 async def _new_session(app: Starlette, *, sub: str, sid: str | None) -> str:
