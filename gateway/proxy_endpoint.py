@@ -125,19 +125,16 @@ class ProxyEndpoint:
         length = found.get(b"content-length")
         if length is not None:
             length = length.strip()
-            # ASCII digits only ("²" is a digit to isdigit and not to int), and no int() of
-            # thousands of them (Python refuses; more than 18 is over any limit anyway).
-            if (
-                limit
-                and length.isascii()
-                and length.isdigit()
-                and (len(length) > 18 or int(length) > limit)
-            ):
-                raise PayloadTooLarge(f"the request body is over {limit} bytes")
             if length in ("", "0"):
                 return None
-            small = length.isascii() and length.isdigit() and len(length) <= 18
-            declared = int(length) if small else None
+            # ASCII digits only ("²" is a digit to isdigit and not to int), and no int() of
+            # thousands of them (Python refuses; more than 18 is over any limit anyway).
+            declared: int | None = None
+            if length.isascii() and length.isdigit():
+                if len(length) <= 18:
+                    declared = int(length)
+                if limit and (declared is None or declared > limit):
+                    raise PayloadTooLarge(f"the request body is over {limit} bytes")
             return RequestBody(
                 receive,
                 limit,
