@@ -10,9 +10,10 @@ A route's ``auth`` mode decides what it needs:
   WebSocket upgrade still has to come from an allowed origin when it names one.)
 * ``user`` needs a live session from the session cookie (else 401 ``login_required``), the
   anti-CSRF proof unless the route opts out (the header plus Origin and Sec-Fetch-Site on HTTP;
-  the Origin on a WebSocket upgrade, where a page cannot set a header), the route's claim rules (else 403 ``forbidden``) and step-up (else 401
-  ``step_up_required``), then the IdP's metadata (started on first need) and the route's
-  access token from the broker (cached, or one exchange per session).
+  the Origin on a WebSocket upgrade, where a page cannot set a header), the route's claim rules
+  (else 403 ``forbidden``) and step-up (else 401 ``step_up_required``), then the IdP's metadata
+  (started on first need) and the route's access token from the broker (cached, or one exchange
+  per session).
 * ``client`` needs no session: the gateway's own client-credentials token for the route's
   audience (one for the whole gateway, ``client_tokens.py``).
 * ``user_or_client`` and ``user_or_none`` judge a session as ``user`` does when the cookie names

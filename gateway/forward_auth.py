@@ -8,9 +8,10 @@ route -> session -> CSRF -> token policy as its own proxy and answers without a 
   gateway's client token on ``auth: client`` / ``user_or_client`` without a session; no header
   for ``auth: none``, nor for ``user_or_none`` without a session), optionally
   ``X-Auth-Request-User`` / ``X-Auth-Request-Email`` with a user's token;
-* ``401 login_required`` (or ``step_up_required``) with a ``login_url`` back to the original URI,
-  or ``403``, as the proxy would; anything the gateway cannot place (no route, a malformed or
-  ambiguous original URI) is a ``403`` too, because data planes treat any other status as their own error.
+* ``401 login_required`` (or ``step_up_required``) with a ``login_url`` back to the original
+  URI, or ``403``, as the proxy would; anything the gateway cannot place (no route, a malformed
+  or ambiguous original URI) is a ``403`` too, because data planes treat any other status as
+  their own error.
 
 The route comes from ``?route=<name>`` on the endpoint's own URL (set by the data plane's config,
 never by the client), else from matching the original path against the route table. The original
