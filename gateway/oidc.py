@@ -215,10 +215,11 @@ class OIDCClient:
         organization: str | None = None,
         prompt: str | None = None,
     ) -> str:
-        """The authorization request. ``acr_values`` / ``max_age``: a step-up (an OpenID
-        Provider of the rfc8707 dialect is also asked, with the ``claims`` parameter, to treat
-        the acr as essential: OIDC Core §5.5.1.1); ``organization``: Auth0 Organizations;
-        ``prompt``: this login's (``none`` for a silent login), else the configured one."""
+        """The authorization request. ``acr_values`` / ``max_age``: a step-up (Auth0 reads
+        ``acr_values``; a standard OpenID Provider, the rfc8707 dialect, is asked with the
+        ``claims`` parameter for an essential acr, OIDC Core §5.5.1.1); ``organization``: Auth0
+        Organizations; ``prompt``: this login's (``none`` for a silent login), else the
+        configured one."""
         metadata = await self.metadata()
         params: list[tuple[str, str]] = [
             ("response_type", "code"),
@@ -238,11 +239,14 @@ class OIDCClient:
         prompt = prompt or self._oidc.prompt
         if prompt:
             params.append(("prompt", prompt))
-        if acr_values:
+        if acr_values and self._oidc.dialect == "auth0":
             params.append(("acr_values", " ".join(acr_values)))
-            if self._oidc.dialect == "rfc8707":
-                essential = {"id_token": {"acr": {"essential": True, "values": list(acr_values)}}}
-                params.append(("claims", json.dumps(essential, separators=(",", ":"))))
+        elif acr_values:
+            # Essential, so the IdP must authenticate the user again if its session has none
+            # of them. (Not with acr_values as well: OIDC Core §5.5.1.1 lets acr_values replace
+            # the claims request's acr with a voluntary one, as oidc-provider does.)
+            essential = {"id_token": {"acr": {"essential": True, "values": list(acr_values)}}}
+            params.append(("claims", json.dumps(essential, separators=(",", ":"))))
         if max_age is not None:
             params.append(("max_age", str(max_age)))
         if organization:
