@@ -23,7 +23,9 @@ from .settings import check_acr_value
 
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _PARAM = re.compile(rf'\s*({_TOKEN})\s*=\s*(?:({_TOKEN})|"((?:[^"\\]|\\.)*)")\s*(,|$)', re.ASCII)
-_SCHEME = re.compile(rf"\s*({_TOKEN})(?:\s+|$)", re.ASCII)
+# A scheme ends at a space, at the comma of a challenge without parameters, or at the end.
+_SCHEME = re.compile(rf"\s*({_TOKEN})(?=[\s,]|$)\s*", re.ASCII)
+_TOKEN68 = re.compile(r"[A-Za-z0-9\-._~+/]+=*\s*(,|$)", re.ASCII)
 _MAX_HEADER = 4096
 _MAX_AGE_LIMIT = 10 * 365 * 86400
 
@@ -52,7 +54,10 @@ def _challenges(value: str) -> Iterable[tuple[str, dict[str, str]]]:
             return
         pos = scheme.end()
         params: dict[str, str] = {}
-        while pos < len(value):
+        token68 = _TOKEN68.match(value, pos)  # Negotiate <token68>: no parameters
+        if token68 is not None:
+            pos = token68.end()
+        while token68 is None and pos < len(value):
             param = _PARAM.match(value, pos)
             if param is None:
                 break

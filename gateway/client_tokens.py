@@ -109,16 +109,21 @@ class ClientTokenBroker:
                 return shared.access_token
             stale = self._tokens.get(key)
             now = self._clock()
+            backing_off: IdentityProviderUnavailable | None = None
             try:
                 if now < self._down_until:
-                    raise IdentityProviderUnavailable(
+                    backing_off = IdentityProviderUnavailable(
                         self._down_message, retry_after=math.ceil(self._down_until - now)
                     )
+                    raise backing_off
                 token = await self._exchange(route, now)
             except IdentityProviderUnavailable as exc:
                 later = self._clock()
-                self._down_until = max(self._down_until, later + cap_retry_after(exc.retry_after))
-                self._down_message = exc.message
+                if exc is not backing_off:  # re-recording its own answer would extend it
+                    self._down_until = max(
+                        self._down_until, later + cap_retry_after(exc.retry_after)
+                    )
+                    self._down_message = exc.message
                 old = stale[0] if stale is not None else None
                 if old is not None and later < old.expires_at and old.access_token != not_this:
                     logger.warning(

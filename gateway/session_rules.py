@@ -14,10 +14,11 @@ Values compare by type as well as value: ``true`` never matches ``1`` nor ``"tru
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, TypeGuard
 
 from .settings import ClaimValue, RouteSettings
 
@@ -32,10 +33,12 @@ class Verdict(Enum):
 
 def claim_value(claims: Mapping[str, Any], name: str) -> Any:
     """The claim ``name``: a top-level claim of that exact name first (URIs contain dots),
-    else the dotted path into nested objects; ``_MISSING`` when there is none."""
+    else the dotted path into nested objects; ``_MISSING`` when there is none. A URI names
+    one claim, never a path (``https://example.com/roles`` is not ``com/roles`` inside a
+    claim ``https://example``)."""
     if name in claims:
         return claims[name]
-    if "." not in name:
+    if "." not in name or "://" in name:
         return _MISSING
     value: Any = claims
     for part in name.split("."):
@@ -93,7 +96,7 @@ class SessionRules:
             return False
         if self.max_age is not None:
             auth_time = claims.get("auth_time")
-            if isinstance(auth_time, bool) or not isinstance(auth_time, int | float):
+            if not _is_time(auth_time):
                 return False
             if now - auth_time > self.max_age:
                 return False
@@ -119,6 +122,11 @@ def auth_time_satisfied(
     """The callback's check of ``auth_time`` against the ``max_age`` the login asked for."""
     if max_age is None:
         return True
-    if isinstance(auth_time, bool) or not isinstance(auth_time, int | float):
+    if not _is_time(auth_time):
         return False
     return now - auth_time <= max_age + leeway
+
+
+def _is_time(value: object) -> TypeGuard[int | float]:
+    """A number of seconds: not a bool, and finite (NaN and infinity compare as any age)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
