@@ -88,8 +88,20 @@ def _login_options(
             check_organization(organization)
         except ValueError as exc:
             raise BadRequest(f"organization: {exc}") from None
-        if organization not in allowed_organizations:
+        # Ids exactly, names as Auth0 compares them (case-insensitively), in the configured
+        # spelling.
+        known = next(
+            (
+                org
+                for org in allowed_organizations
+                if org == organization
+                or (not org.startswith("org_") and org.lower() == organization.lower())
+            ),
+            None,
+        )
+        if known is None:
             raise BadRequest("organization: not one this gateway's logins may ask for")
+        organization = known
     return {
         "acr_values": acr_values,
         "max_age": max_age,

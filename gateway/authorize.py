@@ -134,7 +134,7 @@ class Authorizer:
                 sec_fetch_site=headers.get(SEC_FETCH_SITE),
                 allowed_origins=self._allowed_origins,
             )
-        if not route.rules.empty:
+        if route.judged:
             self._judge(route, session, login_url)
         if not self._services.started:  # only a token needs the IdP
             await self._services.ensure_started()
@@ -145,7 +145,7 @@ class Authorizer:
 
     def verdict(self, route: Route, session: Session) -> Verdict:
         """What ``route``'s claim rules and step-up say of ``session`` (/auth/me asks too)."""
-        if route.rules.empty:
+        if not route.judged:
             return Verdict.ALLOWED
         return route.rules.verdict(session.claims_dict(), self._clock())
 

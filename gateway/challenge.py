@@ -42,7 +42,12 @@ class BearerChallenge:
 
     @property
     def step_up(self) -> bool:
-        return self.error == "insufficient_user_authentication"
+        """An RFC 9470 challenge naming what it wants: one without ``acr_values`` or
+        ``max_age`` would send the user through a login that changes nothing (and, with a
+        session at the IdP, straight back), so it is relayed as the upstream's own 401."""
+        return self.error == "insufficient_user_authentication" and bool(
+            self.acr_values or self.max_age is not None
+        )
 
 
 def _challenges(value: str) -> Iterable[tuple[str, dict[str, str]]]:

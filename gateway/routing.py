@@ -104,6 +104,7 @@ class Route:
     needs_token: bool = field(init=False)  # any mode but none: the IdP is needed
     needs_session: bool = field(init=False)  # a mode that uses the user's session if any
     rules: SessionRules = field(init=False)  # claim rules and step-up (auth: user)
+    judged: bool = field(init=False)  # has rules: a plain field, read on every request
     audience: str = field(init=False)  # "" when the route names none
     scope_key: str = field(init=False)  # the scopes, space-separated (a token-cache key part)
     # Copied from the settings: a pydantic model's attributes cost several times a slot's.
@@ -125,6 +126,7 @@ class Route:
         set_field(self, "needs_token", self.settings.auth != "none")
         set_field(self, "needs_session", self.settings.auth in USER_MODES)
         set_field(self, "rules", SessionRules.of(self.settings))
+        set_field(self, "judged", not self.rules.empty)
         set_field(self, "audience", self.settings.audience or "")
         set_field(self, "scope_key", " ".join(self.settings.scopes))
         set_field(self, "csrf", self.settings.csrf)

@@ -123,8 +123,9 @@ class OIDCSettings(_Section):
     )
     organizations: list[str] = Field(
         default_factory=list,
-        description="Organizations a login may choose with /auth/login?organization=...; the "
-        "first is the default when `organization` is not set.",
+        description="Organizations a login may choose with /auth/login?organization=...; a "
+        "login that names none asks for `organization` if set, else for none, and then the ID "
+        "token must name one of these. An `org_...` value is an id, anything else a name.",
     )
     mfa_acr_value: str = Field(
         "http://schemas.openid.net/pape/policies/2007/06/multi-factor",

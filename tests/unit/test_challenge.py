@@ -109,7 +109,9 @@ def test_step_up_parameters_are_checked(
     params: str, acr_values: tuple[str, ...] | None, max_age: int | None
 ) -> None:
     challenge = bearer_challenge([f'Bearer error="insufficient_user_authentication", {params}'])
-    assert challenge is not None and challenge.step_up
+    assert challenge is not None and challenge.error == "insufficient_user_authentication"
+    # A step-up only when it names what it wants (else the upstream's 401 is relayed).
+    assert challenge.step_up == bool(challenge.acr_values or challenge.max_age is not None)
     if acr_values is None:  # at most 16 values are read
         assert challenge.acr_values == tuple(f"v{i}" for i in range(16))
     else:

@@ -341,3 +341,18 @@ def test_check_online_fetches_one_client_token_per_audience_and_scopes(
     config.write_text(CLI_CONFIG.split("  - {prefix: /b/")[0])
     assert main(["check", "--config", str(config), "--online"]) == 0
     assert "client token for route c: ok" in capsys.readouterr().out
+
+
+async def test_a_name_is_chosen_case_insensitively_in_its_configured_spelling(
+    idp: respx.MockRouter,
+) -> None:
+    settings = make_settings(oidc={"organizations": ["org_main", "Acme"]})
+    async with running_app(settings) as (_, client):
+        login = await client.get("/auth/login", params={"organization": "ACME"})
+        assert login.status_code == 302
+        query = parse_qs(urlsplit(login.headers["location"]).query)
+        assert query["organization"] == ["Acme"]
+        # An id is matched exactly.
+        assert (
+            await client.get("/auth/login", params={"organization": "ORG_MAIN"})
+        ).status_code == 400

@@ -237,6 +237,8 @@ async def test_never_a_second_retry(issuer: Issuer) -> None:
         'Bearer error="insufficient_scope", scope="write:orders"',
         'Basic realm="api"',
         "Bearer",
+        # RFC 9470 naming neither acr_values nor max_age: a login would change nothing.
+        'Bearer error="insufficient_user_authentication"',
     ],
 )
 async def test_other_401s_are_relayed_as_they_are(issuer: Issuer, challenge: str | None) -> None:
