@@ -31,6 +31,7 @@ from gateway.proxy import UpstreamResponse
 from gateway.routing import Route
 
 from .conftest import API, DISCOVERY, access_token, make_settings
+from .fakes import LoopbackAiohttpServer
 from .test_tokens import Harness as TokensHarness
 from .test_tokens import h
 from .test_websocket import TIMEOUT, Browser
@@ -356,30 +357,15 @@ async def test_a_navigation_without_a_session_goes_to_the_plain_login(
 # -- the WebSocket handshake ---------------------------------------------------------------------
 
 
-class RefusingWebSocketUpstream:
+class RefusingWebSocketUpstream(LoopbackAiohttpServer):
     """aiohttp server refusing the first ``refusals`` upgrades with 401 and ``challenge``, then
     accepting; records each upgrade's Authorization."""
 
     def __init__(self, challenge: str, refusals: int = 1) -> None:
+        super().__init__()
         self.challenge = challenge
         self.refusals = refusals
         self.bearers: list[str | None] = []
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{path:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         authorization = request.headers.get("Authorization")
