@@ -102,7 +102,7 @@ def _split(url: str) -> tuple[str, str]:
     return f"{scheme}://{host}", ("/" + prefix).rstrip("/") if prefix else ""
 
 
-async def login(base_url: str, idp: IdpProcess) -> str:
+async def login(base_url: str, idp: IdpProcess, *, cookie_name: str = "gw_session") -> str:
     """Log a browser in at a gateway; return its session cookie value."""
     async with httpx.AsyncClient(timeout=30) as client:
         response = await browser_login(
@@ -110,9 +110,9 @@ async def login(base_url: str, idp: IdpProcess) -> str:
         )
         if response.status_code != 302:
             raise RuntimeError(f"login failed: {response.status_code} {response.text[:200]}")
-        cookie = client.cookies.get("gw_session")
+        cookie = client.cookies.get(cookie_name)
     if not cookie:
-        raise RuntimeError("login set no gw_session cookie")
+        raise RuntimeError(f"login set no {cookie_name} cookie")
     return str(cookie)
 
 

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway import create_app
+from gateway.dpop import DPoPBound, DPoPKey
 from gateway.proxy import UpstreamResponse
 from gateway.sessions.base import CachedToken
 from gateway.settings import Settings
@@ -163,19 +164,30 @@ def _scope(path: str, cookie: str) -> dict[str, Any]:
     }
 
 
-async def _prepare(upstream_url: str | None) -> tuple[Any, str]:
+async def _prepare(upstream_url: str | None, *, dpop: bool = False) -> tuple[Any, str]:
+    """The app and a session cookie with a cached token; ``dpop``: tokens.dpop required, the
+    session's key made at login and its cached token DPoP-bound (a proof per request)."""
     settings = dict(_SETTINGS)
     if upstream_url:
         settings["routes"] = [dict(r, upstream=upstream_url) for r in _SETTINGS["routes"]]
+    if dpop:
+        settings["tokens"] = {"dpop": "required"}
     fake = None if upstream_url else InstantUpstream()
     app = create_app(Settings(**settings), upstream=fake)
     gw = app.state.services
     gw.started = True  # no IdP: discovery and JWKS are not needed for a cached token
     session, set_cookie = await gw.sessions.create(
-        sub="user-1", sid="sid-1", refresh_token="rt", id_token=None, claims={"sub": "user-1"}
+        sub="user-1",
+        sid="sid-1",
+        refresh_token="rt",
+        id_token=None,
+        claims={"sub": "user-1"},
+        dpop_jwk=DPoPKey.generate().to_jwk() if dpop else None,
     )
     cookie = set_cookie.split(";", 1)[0]
-    token = CachedToken(access_token="at", expires_at=time.time() + 3600, audience=API)
+    # A token of a real one's size (an RS256 JWT of ~800 characters): the proof hashes it.
+    value = "at" if not dpop else DPoPBound("e" * 800)
+    token = CachedToken(access_token=value, expires_at=time.time() + 3600, audience=API)
     gw.broker._cache.put((session.id, API, ""), token)
     return app, cookie
 
@@ -201,6 +213,7 @@ async def _run(app: Any, scope: dict[str, Any], count: int) -> float:
 
 async def main_async(args: argparse.Namespace) -> None:
     app, cookie = await _prepare(args.upstream)
+    dpop_app, dpop_cookie = await _prepare(args.upstream, dpop=True)
     bare: Any = BareInProcess()
     if args.upstream:
         from .bare_proxy import BareProxy  # the benchmark's bare proxy app itself
@@ -210,6 +223,7 @@ async def main_async(args: argparse.Namespace) -> None:
         "bare": (bare, _scope("/small.json", "")),
         "auth: none": (app, _scope("/pub/small.json", "")),
         "token route": (app, _scope("/api/small.json", cookie)),
+        "dpop token route": (dpop_app, _scope("/api/small.json", dpop_cookie)),
     }
     for name, (target, scope) in kinds.items():
         if args.kind and name != args.kind:
@@ -232,7 +246,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-kind", default="token route")
-    parser.add_argument("--kind", help="only this kind: bare, 'auth: none' or 'token route'")
+    parser.add_argument(
+        "--kind", help="only this kind: bare, 'auth: none', 'token route' or 'dpop token route'"
+    )
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument(
         "--upstream",

@@ -16,7 +16,7 @@ from tests.e2e.servers import API, BILLING, free_port, start_idp
 from . import stack
 from .bench import LARGE, SMALL, Bench, check_route, login, session_headers
 from .machine import RssSampler, mib, rss_bytes
-from .report import BARE, TOKEN, Row, economy_expected, pair_ratios, paired_key
+from .report import BARE, PAIRED, TOKEN, Row, economy_expected, pair_ratios, paired_key
 from .upstream import SMALL_JSON
 from .wrk import check_clean, run_wrk
 
@@ -94,11 +94,15 @@ def proxy_grid(bench: Bench, section: str, targets: Targets, pid: int | None) ->
                         )
                 for target in names:
                     bench.results.rows.append(median_row(runs[target]))
-                    if target != BARE and BARE in runs:
-                        key = paired_key(section, target, BARE, body, connections)
+                    bases = [BARE] if target != BARE else []
+                    bases += [b for t, b in PAIRED if t == target]
+                    for base_name in bases:
+                        if base_name not in runs:
+                            continue
+                        key = paired_key(section, target, base_name, body, connections)
                         bench.results.paired[key] = [
                             pair_ratios(row.load, base.load)
-                            for row, base in zip(runs[target], runs[BARE], strict=True)
+                            for row, base in zip(runs[target], runs[base_name], strict=True)
                         ]
     finally:
         if sampler is not None:

@@ -12,13 +12,18 @@ from .wrk import LoadResult
 BARE = "bare proxy"
 TOKEN = "gateway, token route (cache hit)"
 NONE = "gateway, `auth: none` route"
+DPOP = "gateway, DPoP token route (cache hit, a proof per request)"
 # (target, baseline, body, minimum throughput ratio); p99 may be at most P99_FACTOR x bare.
 TARGETS = (
     (TOKEN, BARE, "small JSON", 0.85),
     (TOKEN, BARE, "1 MiB", 0.95),
     (NONE, BARE, "small JSON", 0.90),
     (NONE, BARE, "1 MiB", 0.90),
+    # Issue 20: a DPoP proof (an ES256 signature) per request costs at most a fifth.
+    (DPOP, TOKEN, "small JSON", 0.80),
 )
+# Targets compared with another than the bare proxy, round by round (phases.proxy_grid).
+PAIRED = ((DPOP, TOKEN),)
 P99_FACTOR = 1.3
 CHECKED_CONNECTIONS = (16, 64)
 
@@ -178,13 +183,13 @@ def target_checks(results: Results, section: str) -> tuple[str, bool]:
             ok_rps, ok_p99 = ratio >= minimum, p99 <= P99_FACTOR
             all_ok = all_ok and ok_rps and ok_p99
             lines.append(
-                f"| {target} / bare, req/s, {body} | {conns} | {ratio:.2f} | >= {minimum} | "
+                f"| {target} / {base_name}, req/s, {body} | {conns} | {ratio:.2f} | >= {minimum} | "
                 f"{'yes' if ok_rps else '**no**'} |"
             )
             wrk_p99 = wrk_p99_ratio(results, section, target, base_name, body, conns)
             beside = f" (wrk's: {wrk_p99:.2f}x)" if wrk_p99 is not None else ""
             lines.append(
-                f"| {target} / bare, p99, {body} | {conns} | {p99:.2f}x{beside} | "
+                f"| {target} / {base_name}, p99, {body} | {conns} | {p99:.2f}x{beside} | "
                 f"<= {P99_FACTOR}x | {'yes' if ok_p99 else '**no**'} |"
             )
     return "\n".join(lines), all_ok

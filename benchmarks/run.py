@@ -27,10 +27,11 @@ from . import phases, stack
 from .bench import LARGE, SMALL, Bench, check_route, login, session_headers
 from .machine import CpuPlan, load1
 from .profile import profile_token_route
-from .report import BARE, NONE, TOKEN, Results, render
+from .report import BARE, DPOP, NONE, TOKEN, Results, render
 from .upstream import SMALL_JSON
 from .wrk import wrk_binary
 
+DPOP_COOKIE = "gw_dpop"
 SECTIONS = [
     ("proxy", "Proxy overhead: direct, bare proxy, gateway", BARE),
     ("forward-auth", "nginx + forward-auth beside the gateway's own proxy", None),
@@ -74,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         "--skip",
         default="",
         help="comma-separated phases to leave out: transfers,proxy,client,profile,"
-        "forward-auth,store,economy,sessions",
+        "forward-auth,store,economy,sessions,dpop (the DPoP gateway of the proxy grid)",
     )
     parser.add_argument(
         "--smoke",
@@ -184,6 +185,19 @@ def run(args: argparse.Namespace) -> Results:
         gateway = stop.enter_context(stack.gateway_process(config, port))
         pid = stack.gateway_pid(gateway)
         bench.headers = session_headers(asyncio.run(login(gateway.base_url, idp)))
+        dpop_gateway = None
+        if "dpop" not in skip:
+            # The same configuration with tokens.dpop required (the test IdP binds tokens for
+            # any client that sends a proof), its own cookie beside the first one's.
+            dpop_port = free_port()
+            dpop_config = stack.gateway_config(idp, port=dpop_port, upstream=upstream, sink=sink)
+            dpop_config["tokens"] = {**dpop_config["tokens"], "dpop": "required"}
+            dpop_config["session"] = {**dpop_config["session"], "cookie_name": DPOP_COOKIE}
+            dpop_config["forward_auth"] = {"enabled": False}
+            dpop_gateway = stop.enter_context(stack.gateway_process(dpop_config, dpop_port))
+            cookie = asyncio.run(login(dpop_gateway.base_url, idp, cookie_name=DPOP_COOKIE))
+            bench.headers["Cookie"] += f"; {DPOP_COOKIE}={cookie}"
+            check_route(f"{dpop_gateway.base_url}/api/small.json", bench.headers, expect=SMALL_JSON)
         idp.reset_stats()
         for prefix in ("/api", "/pub"):
             check_route(f"{gateway.base_url}{prefix}/small.json", bench.headers, expect=SMALL_JSON)
@@ -201,12 +215,14 @@ def run(args: argparse.Namespace) -> Results:
         if "proxy" not in skip:
             print("proxy overhead", flush=True)
             direct = "direct (nginx)" if has_nginx else "direct (python upstream)"
-            targets = {
+            targets: dict[str, tuple[str, tuple[int, ...]]] = {
                 direct: (upstream, (upstream_pid,)),
                 BARE: (bare, (bare_pid,)),
                 NONE: (f"{gateway.base_url}/pub", (pid,)),
                 TOKEN: (f"{gateway.base_url}/api", (pid,)),
             }
+            if dpop_gateway is not None:
+                targets[DPOP] = (f"{dpop_gateway.base_url}/api", (stack.gateway_pid(dpop_gateway),))
             phases.proxy_grid(bench, "proxy", targets, pid)
             phases.rss_now(bench, pid, "after the proxy runs")
             phases.exchanges_during(bench, idp, "proxy runs (one session, tokens live 1 h)")

@@ -24,7 +24,15 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 
 from .authorize import Authorizer
 from .backchannel import process_logout_token, read_logout_token
-from .errors import BadRequest, CSRFCheckFailed, LoginFailed, LoginRequired, with_query
+from .dpop import DPoPKey, bound_token
+from .errors import (
+    BadRequest,
+    CSRFCheckFailed,
+    GatewayError,
+    LoginFailed,
+    LoginRequired,
+    with_query,
+)
 from .headers import joined_cookie
 from .oidc import OIDCClient, pkce_challenge
 from .routing import Route, RouteTable
@@ -34,6 +42,7 @@ from .session_rules import Verdict, acr_satisfied, auth_time_satisfied
 from .sessions.base import Session
 from .sessions.manager import LOGIN_TTL
 from .settings import check_acr_value, check_organization
+from .tokens import unverified_claims
 
 logger = logging.getLogger("gateway.auth")
 
@@ -176,11 +185,13 @@ class AuthEndpoints:
             new_secret_token(),
             new_secret_token() + new_secret_token(),
         )
-        await self._store.put_login(
-            state,
-            {"nonce": nonce, "verifier": verifier, "return_to": return_to, **options},
-            ttl=LOGIN_TTL,
-        )
+        pending = {"nonce": nonce, "verifier": verifier, "return_to": return_to, **options}
+        key = DPoPKey.generate() if self._services.dpop.active else None
+        if key is not None:
+            # The session's DPoP key is born with the login: the code is bound to it
+            # (dpop_jkt), and the pending login is encrypted at rest like the session.
+            pending["dpop_jwk"] = key.to_jwk()
+        await self._store.put_login(state, pending, ttl=LOGIN_TTL)
         url = await self._oidc.authorize_url(
             state=state,
             nonce=nonce,
@@ -189,6 +200,7 @@ class AuthEndpoints:
             max_age=options["max_age"],
             organization=options["organization"],
             prompt=options["prompt"],
+            dpop_jkt=key.jkt if key is not None else None,
         )
         response = RedirectResponse(url, status_code=302)
         response.headers.append("Set-Cookie", self._sessions.login_cookie(state))
@@ -216,7 +228,24 @@ class AuthEndpoints:
         pending = await self._store.pop_login(state)
         if pending is None:
             raise LoginFailed("unknown, expired or already used login state")
-        tokens = await self._oidc.exchange_code(code=code, verifier=pending["verifier"])
+        dpop_jwk = pending.get("dpop_jwk")
+        key = DPoPKey.from_jwk(dpop_jwk) if isinstance(dpop_jwk, dict) else None
+        tokens = await self._oidc.exchange_code(
+            code=code, verifier=pending["verifier"], dpop_key=key
+        )
+        access_token = tokens.access_token
+        if key is not None:
+            try:
+                access_token = bound_token(
+                    tokens.token_type,
+                    access_token,
+                    unverified_claims(access_token),
+                    jkt=key.jkt,
+                    required=self._services.dpop.required,
+                    audience="the login",
+                )
+            except GatewayError as exc:
+                raise LoginFailed(exc.message) from None
         if tokens.id_token is None:
             raise LoginFailed("the identity provider returned no ID token")
         claims = await self._oidc.validate_id_token(tokens.id_token, nonce=pending["nonce"])
@@ -225,7 +254,7 @@ class AuthEndpoints:
             raise LoginFailed("the identity provider issued no refresh token (offline_access?)")
         kept = {k: v for k, v in claims.items() if k not in _PROTOCOL_CLAIMS}
         if self._oidc_settings.userinfo:
-            userinfo = await self._oidc.userinfo(tokens.access_token)
+            userinfo = await self._oidc.userinfo(access_token, dpop_key=key)
             if userinfo.get("sub") != claims["sub"]:  # OIDC Core §5.3.2
                 raise LoginFailed("the userinfo answer is about another user")
             kept = {**userinfo, **kept}  # the signed ID token's claims win
@@ -240,6 +269,7 @@ class AuthEndpoints:
             refresh_token=tokens.refresh_token,
             id_token=tokens.id_token,
             claims=kept,
+            dpop_jwk=dpop_jwk if key is not None else None,
         )
         logger.info("login complete for session %s", session.id[:8])
         response = RedirectResponse(pending["return_to"], status_code=302)

@@ -22,6 +22,10 @@ A route's ``auth`` mode decides what it needs:
 
 A request without a session carries no ambient authority of the user's, so it needs no anti-CSRF
 proof.
+
+With DPoP (``tokens.dpop``) the token may be a ``DPoPBound`` one: each entry then asks
+:meth:`Authorizer.dpop_proof` for the proof of its own request (method and upstream URL) and sends
+``Authorization: DPoP`` with it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from .client_tokens import ClientTokenBroker
+from .dpop import DPoP, DPoPBound, htu
 from .errors import Forbidden, LoginRequired, StepUpRequired
 from .routing import Route
 from .security import check_csrf, check_websocket_origin
@@ -65,8 +70,10 @@ class Authorizer:
         csrf_value: str,
         allowed_origins: list[str],
         clock: Callable[[], float] = time.time,
+        dpop: DPoP | None = None,
     ) -> None:
         self._services = services
+        self.dpop = dpop
         self._sessions = sessions
         self._broker = broker
         self._client_tokens = client_tokens
@@ -89,6 +96,7 @@ class Authorizer:
             csrf_header=settings.csrf.header,
             csrf_value=settings.csrf.value,
             allowed_origins=settings.allowed_origins,
+            dpop=services.dpop,
         )
 
     async def authorize(
@@ -139,6 +147,9 @@ class Authorizer:
         if not self._services.started:  # only a token needs the IdP
             await self._services.ensure_started()
         broker = self._broker
+        dpop = self.dpop
+        if dpop is not None and dpop.active and session.dpop_jwk is None:
+            session = await broker.with_dpop_key(session)  # once: a session from before DPoP
         # A cache hit needs no coroutine: the proxy's hot path awaits nothing for it.
         token = broker.cached_token(session.id, route) or await broker.access_token(session, route)
         return session, token
@@ -166,6 +177,26 @@ class Authorizer:
             acr_values=rules.acr_values,
             max_age=None if rules.max_age is None else int(rules.max_age),
         )
+
+    def dpop_proof(
+        self, session: Session | None, token: str, method: str, url: str, server: str
+    ) -> str | None:
+        """The DPoP proof to send with ``token`` to ``url`` (on ``server``, an origin), or
+        None for a bearer token. A user's token is bound to the session's key, the gateway's
+        client token to the gateway's; the nonce is ``server``'s latest."""
+        dpop = self.dpop
+        if type(token) is not DPoPBound or dpop is None:
+            return None
+        if session is None:
+            key = dpop.client_key
+        else:
+            session_key = dpop.session_key(session.id, session.dpop_jwk)
+            if session_key is None:  # cannot happen: a bound token was minted with the key
+                raise LoginRequired(
+                    "the session has no DPoP key", login_url=self._services.login_url
+                )
+            key = session_key
+        return key.proof(method, htu(url), access_token=token, nonce=dpop.nonces.get(server))
 
     async def renewed_token(self, route: Route, session: Session | None, refused: str) -> str:
         """A new token in place of ``refused``, which the upstream answered 401

@@ -8,8 +8,12 @@ Two answers of a resource server change what the gateway does with a ``401``:
   (RFC 9470 §3): the user must log in again, more strongly; the gateway answers
   ``401 step_up_required`` with a login URL asking for exactly that.
 
+* ``DPoP error="use_dpop_nonce"`` (RFC 9449 §9) to a request with a DPoP-bound token: the
+  gateway sends it once more with a proof carrying the nonce the answer named.
+
 The parser follows RFC 9110 §11.6.1 (a scheme, then ``name=token`` or ``name="quoted"``
-parameters, several challenges separated by commas) and reads only the ``Bearer`` challenge.
+parameters, several challenges separated by commas) and reads only the challenge of the scheme
+the request used (``Bearer``, or ``DPoP``, whose parameters are the same, RFC 9449 §7.1).
 Anything it cannot parse yields no challenge: the upstream's answer then passes as it is.
 """
 
@@ -39,6 +43,10 @@ class BearerChallenge:
     @property
     def invalid_token(self) -> bool:
         return self.error == "invalid_token"
+
+    @property
+    def use_dpop_nonce(self) -> bool:
+        return self.error == "use_dpop_nonce"
 
     @property
     def step_up(self) -> bool:
@@ -76,13 +84,14 @@ def _challenges(value: str) -> Iterable[tuple[str, dict[str, str]]]:
             pos += 1
 
 
-def bearer_challenge(values: Iterable[str]) -> BearerChallenge | None:
-    """The Bearer challenge among ``WWW-Authenticate`` header values, or None."""
+def bearer_challenge(values: Iterable[str], scheme: str = "bearer") -> BearerChallenge | None:
+    """The Bearer (or ``scheme``, lower-case) challenge among ``WWW-Authenticate`` header
+    values, or None."""
     for value in values:
         if len(value) > _MAX_HEADER:
             continue
-        for scheme, params in _challenges(value):
-            if scheme != "bearer":
+        for found, params in _challenges(value):
+            if found != scheme:
                 continue
             acr_values: tuple[str, ...] = ()
             try:

@@ -1,10 +1,12 @@
-"""Command line: ``gateway run`` serves, ``gateway check`` validates (exit 2 on bad config)."""
+"""Command line: ``gateway run`` serves, ``gateway check`` validates (exit 2 on bad config),
+``gateway keys`` prints the public JWKS of the private_key_jwt keys."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
+import json
 import logging
 import math
 import sys
@@ -38,7 +40,33 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also fetch discovery and JWKS, and one client token per client route",
     )
+    keys = sub.add_parser(
+        "keys", help="print the public JWKS of oidc.private_key(_file), to register at the IdP"
+    )
+    keys.add_argument(
+        "--config", help="YAML file (default $GATEWAY_CONFIG, then config/gateway.yaml)"
+    )
     return parser
+
+
+def print_public_jwks(settings: Settings) -> int:
+    """The public half of the client-authentication keys, as a JWKS on stdout."""
+    from .client_auth import configured_keys
+    from .client_keys import public_jwks
+
+    try:
+        keys = configured_keys(settings.oidc)
+    except ValueError as exc:
+        print(f"gateway: invalid configuration:\n{exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not keys:
+        print(
+            "gateway: no private key: set GATEWAY_OIDC__PRIVATE_KEY or oidc.private_key_file",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    print(json.dumps(public_jwks(keys), indent=2))
+    return EXIT_OK
 
 
 def format_route_table(settings: Settings) -> str:
@@ -59,15 +87,29 @@ async def _check_online(settings: Settings) -> bool:
     each reported on its own line; False when any of them failed."""
     import httpx
 
+    from .dpop import DPoP
     from .oidc import OIDCClient
+    from .sessions import MemorySessionStore
     from .tokens import checked_token
 
+    secret = (
+        settings.session.secret_key[0].get_secret_value() if settings.session.secret_key else ""
+    )
+    dpop = DPoP(
+        settings.tokens.dpop,
+        store=MemorySessionStore(idle_timeout=60),
+        client_secret=secret or "gateway check",
+    )
     async with httpx.AsyncClient(timeout=settings.oidc.http_timeout) as http:
-        oidc = OIDCClient(settings, http)
+        oidc = OIDCClient(settings, http, dpop=dpop)
         metadata = await oidc.metadata()
         await oidc.refresh_jwks()
         print(f"issuer ok: {metadata['issuer']}")
         print(f"token endpoint: {metadata['token_endpoint']}")
+        par = metadata.get("pushed_authorization_request_endpoint")
+        uses_par = settings.oidc.par != "off" and isinstance(par, str)
+        print(f"pushed authorization requests: {'on' if uses_par else 'off'}")
+        print(f"DPoP: {'on' if dpop.active else 'off'} (tokens.dpop {settings.tokens.dpop})")
         ok = True
         asked: set[tuple[str, tuple[str, ...]]] = set()
         for route in settings.routes:
@@ -78,13 +120,18 @@ async def _check_online(settings: Settings) -> bool:
                 continue
             asked.add(key)
             try:
-                answer = await oidc.client_credentials(audience=route.audience, scopes=route.scopes)
+                dpop_key = dpop.client_key if dpop.active else None
+                answer = await oidc.client_credentials(
+                    audience=route.audience, scopes=route.scopes, dpop_key=dpop_key
+                )
                 token = checked_token(
                     answer,
                     audience=route.audience,
                     scopes=route.scopes,
                     now=time.time(),
                     allow_opaque=settings.tokens.allow_opaque,
+                    dpop_jkt=dpop_key.jkt if dpop_key is not None else None,
+                    dpop_required=dpop.required,
                 )
             except GatewayError as exc:
                 ok = False
@@ -105,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gateway: invalid configuration:\n{exc.message}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "keys":
+        return print_public_jwks(settings)
     if args.command == "check":
         print(f"configuration ok: {len(settings.routes)} routes, dialect {settings.oidc.dialect}")
         print(format_route_table(settings))

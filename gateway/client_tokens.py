@@ -25,6 +25,7 @@ from collections.abc import Callable
 
 from cachetools import TLRUCache
 
+from .dpop import DPoP, DPoPKey
 from .errors import (
     AudienceNotPermitted,
     GatewayError,
@@ -47,8 +48,8 @@ _REFUSAL_TTL = 30.0
 ClientKey = tuple[str, str]  # (audience, scopes space-separated)
 
 
-def _store_key(key: ClientKey) -> str:
-    return f"{key[0]} {key[1]}"
+def _store_key(key: ClientKey, jkt: str | None = None) -> str:
+    return f"{key[0]} {key[1]}" if jkt is None else f"{key[0]} {key[1]} dpop:{jkt}"
 
 
 def _lock_id(key: ClientKey) -> str:
@@ -67,8 +68,12 @@ class ClientTokenBroker:
         settings: TokenSettings,
         clock: Callable[[], float] = time.time,
         metrics: GatewayMetrics | None = None,
+        dpop: DPoP | None = None,
     ) -> None:
         self._oidc = oidc
+        # DPoP: the gateway's own key binds client tokens (gateway/dpop.py), and the store's
+        # key for a token names that key, so a token bound to another key is never shared.
+        self._dpop = dpop
         self._store = store
         self._skew = settings.skew
         self._allow_opaque = settings.allow_opaque
@@ -136,7 +141,7 @@ class ClientTokenBroker:
                 self._refusals[key] = type(exc)(exc.message)
                 raise
             self._remember(key, token)
-            await self._store.put_client_token(_store_key(key), token)
+            await self._store.put_client_token(self._store_key(key), token)
             return token.access_token
 
     async def _usable(self, key: ClientKey, not_this: str | None) -> CachedToken | None:
@@ -145,7 +150,7 @@ class ClientTokenBroker:
         entry = self._tokens.get(key)
         if entry is not None and now < entry[1] and entry[0].access_token != not_this:
             return entry[0]
-        shared = await self._store.get_client_token(_store_key(key))
+        shared = await self._store.get_client_token(self._store_key(key))
         if shared is None or shared.access_token == not_this:
             return None
         if now >= due_time(shared, self._skew):
@@ -153,22 +158,39 @@ class ClientTokenBroker:
         self._remember(key, shared)
         return shared
 
+    def _key(self) -> DPoPKey | None:
+        dpop = self._dpop
+        return dpop.client_key if dpop is not None and dpop.active else None
+
+    def _store_key(self, key: ClientKey) -> str:
+        dpop_key = self._key()
+        return _store_key(key, dpop_key.jkt if dpop_key is not None else None)
+
     def _remember(self, key: ClientKey, token: CachedToken) -> None:
         self._tokens[key] = (token, due_time(token, self._skew))
 
     async def _exchange(self, route: Route, now: float) -> CachedToken:
         audience = route.audience
         scopes = route.settings.scopes
+        dpop_key = self._key()
         self.exchanges += 1
         try:
             try:
-                answer = await self._oidc.client_credentials(audience=audience, scopes=scopes)
+                answer = await self._oidc.client_credentials(
+                    audience=audience, scopes=scopes, dpop_key=dpop_key
+                )
             except LoginRequired as exc:  # no user to send anywhere: the client is refused
                 raise IdentityProviderError(
                     f"the identity provider refused the client token for {audience} ({exc.message})"
                 ) from None
             token = checked_token(
-                answer, audience=audience, scopes=scopes, now=now, allow_opaque=self._allow_opaque
+                answer,
+                audience=audience,
+                scopes=scopes,
+                now=now,
+                allow_opaque=self._allow_opaque,
+                dpop_jkt=dpop_key.jkt if dpop_key is not None else None,
+                dpop_required=self._dpop is not None and self._dpop.required,
             )
         except GatewayError as exc:
             self._metrics.client_exchange(audience, exchange_outcome(exc))

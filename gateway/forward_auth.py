@@ -4,7 +4,9 @@ nginx ``auth_request``, Traefik ``forwardAuth``, Envoy ``ext_authz`` (HTTP servi
 ingress-nginx send the original request's headers here; the gateway runs the same
 route -> session -> CSRF -> token policy as its own proxy and answers without a body:
 
-* ``200`` + ``Authorization: Bearer <token for the route's audience>`` (the user's, or the
+* ``200`` + ``Authorization: Bearer <token for the route's audience>`` (with DPoP:
+  ``Authorization: DPoP <token>`` and a ``DPoP`` proof for the original method and the
+  route's upstream URL; the data plane passes both on) (the user's, or the
   gateway's client token on ``auth: client`` / ``user_or_client`` without a session; no header
   for ``auth: none``, nor for ``user_or_none`` without a session), optionally
   ``X-Auth-Request-User`` / ``X-Auth-Request-Email`` with a user's token;
@@ -33,6 +35,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 from starlette.types import Receive, Scope, Send
 
 from .authorize import Authorizer
+from .dpop import DPoPBound, server_of
 from .errors import (
     CallerRefused,
     Forbidden,
@@ -46,6 +49,7 @@ from .headers import first_header, read_headers
 from .observability import request_context
 from .routing import Route, RouteTable, normalize_path
 from .security import tokens_equal, validate_return_to
+from .sessions.base import Session
 from .settings import ForwardAuthSettings
 
 logger = logging.getLogger("gateway.forward_auth")
@@ -71,6 +75,7 @@ class OriginalRequest:
     path: str | None  # normalised, percent-decoded; None when the data plane named only a route
     target: str | None  # raw path + query as the browser sent it (for the login return_to)
     route_name: str | None
+    raw_path: str | None = None  # normalised, still percent-encoded (a DPoP proof's htu)
 
 
 def _all(scope: Scope, name: bytes) -> list[str]:
@@ -137,7 +142,11 @@ def read_original_request(scope: Scope, endpoint_path: str) -> OriginalRequest:
         raw_path, query = candidates[0]
         target = raw_path + (f"?{query}" if query else "")
     return OriginalRequest(
-        method=method, path=decoded[0] if decoded else None, target=target, route_name=route_name
+        method=method,
+        path=decoded[0] if decoded else None,
+        target=target,
+        route_name=route_name,
+        raw_path=paths[0] if paths else None,
     )
 
 
@@ -168,6 +177,7 @@ class ForwardAuthEndpoint:
         self._secret = settings.secret.get_secret_value() if settings.secret else None
         self._networks = [ipaddress.ip_network(s) for s in settings.allowed_sources]
         self._user_headers = settings.user_headers
+        self._servers: dict[str, str] = {}  # route name -> its upstream's origin (DPoP nonces)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Any method (Envoy sends the original one); ``<path>/...`` is Envoy's path_prefix."""
@@ -222,6 +232,23 @@ class ForwardAuthEndpoint:
         login_url = self._login_url
         return f"{login_url}?return_to={quote(target, safe='')}" if target else login_url
 
+    def _dpop_proof(
+        self, route: Route, original: OriginalRequest, session: Session | None, token: str
+    ) -> str | None:
+        """The proof the data plane passes on with the token: bound to the original method
+        and to the URL this route's upstream receives (the original path below the route's
+        upstream; the upstream's own URL when the data plane named only the route). The nonce
+        is the upstream's latest that the gateway knows (the data plane sees its answers, the
+        gateway does not: an upstream behind forward-auth cannot demand nonces)."""
+        upstream = route.settings.upstream
+        path = original.raw_path
+        matched = path is not None and (path + "/").startswith(route.prefix)
+        url = route.upstream_url(path, "") if path is not None and matched else upstream
+        server = self._servers.get(route.name)
+        if server is None:
+            server = self._servers[route.name] = server_of(upstream)
+        return self._authorizer.dpop_proof(session, token, original.method, url, server)
+
     async def _decide(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """The 200 answer's headers, or raise what the proxy would have answered."""
         self._check_caller(scope)
@@ -245,7 +272,17 @@ class ForwardAuthEndpoint:
             raise exc.relocated(login_url) from exc
         if bearer is None:  # a route, or a request, without a token
             return list(_OK_HEADERS)
-        headers = [(b"authorization", b"Bearer " + bearer.encode("latin-1")), *_OK_HEADERS]
+        proof = None
+        if type(bearer) is DPoPBound:
+            proof = self._dpop_proof(route, original, session, bearer)
+        if proof is not None:
+            headers = [
+                (b"authorization", b"DPoP " + bearer.encode("latin-1")),
+                (b"dpop", proof.encode("ascii")),
+                *_OK_HEADERS,
+            ]
+        else:
+            headers = [(b"authorization", b"Bearer " + bearer.encode("latin-1")), *_OK_HEADERS]
         if session is None:  # the gateway's client token
             return headers
         context.sub = session.sub

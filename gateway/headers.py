@@ -6,8 +6,8 @@ client ``Authorization``, any client ``X-Forwarded-*`` / ``Forwarded`` (spoofabl
 and override headers upstreams behind a BFF tend to trust (``X-Auth-Request-*``, ``Remote-User``,
 ``X-Original-URL``, ``True-Client-IP``, ``X-HTTP-Method-Override``, ...; a route may forward named
 ones, ``forward_identity_headers``) and ``Expect`` (the gateway's server answers
-``100-continue`` itself, RFC 9110 §10.1.1); plus ``Authorization: Bearer`` and our own
-``X-Forwarded-*``.
+``100-continue`` itself, RFC 9110 §10.1.1), and any client ``DPoP`` proof; plus
+``Authorization: Bearer`` (or ``DPoP`` with the gateway's proof) and our own ``X-Forwarded-*``.
 
 What a client sees of an upstream answer: its headers minus hop-by-hop ones, minus any
 ``Set-Cookie`` for the gateway's own cookies, and minus its ``Date``: the server the gateway runs
@@ -39,6 +39,7 @@ HOP_BY_HOP = frozenset(
 _STRIPPED_REQUEST = HOP_BY_HOP | {
     "host",
     "authorization",
+    "dpop",  # a proof is the gateway's to make (RFC 9449), never the client's to pass on
     "forwarded",
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -121,6 +122,7 @@ _FORWARDED_FOR = istr("x-forwarded-for")
 _FORWARDED_PROTO = istr("x-forwarded-proto")
 _FORWARDED_HOST = istr("x-forwarded-host")
 _AUTHORIZATION = istr("authorization")
+_DPOP = istr("dpop")
 _REQUEST_ID_NAME = istr("x-request-id")
 _COOKIE = istr("cookie")
 # A plan's decisions for the two names whose value decides: the only falsy names it keeps (an
@@ -338,11 +340,16 @@ def add_forwarding(
     site: Site,
     bearer: str | None,
     request_id: str | None,
+    proof: str | None = None,
 ) -> list[tuple[str, str]]:
-    """Append the gateway's own request headers to ``out`` (and return it)."""
+    """Append the gateway's own request headers to ``out`` (and return it); with a DPoP
+    ``proof``, the token goes as ``Authorization: DPoP`` beside it (RFC 9449 §7.1)."""
     out.append((_FORWARDED_FOR, client_ip))
     out.extend(site)
-    if bearer is not None:
+    if proof is not None and bearer is not None:
+        out.append((_AUTHORIZATION, "DPoP " + bearer))
+        out.append((_DPOP, proof))
+    elif bearer is not None:
         out.append((_AUTHORIZATION, "Bearer " + bearer))
     if request_id is not None:
         out.append((_REQUEST_ID_NAME, request_id))

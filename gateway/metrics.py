@@ -45,7 +45,7 @@ _RouteSeries = tuple[FastHistogram, dict[int, FastCounter], FastHistogram | None
 
 GATEWAY_ROUTE = "gateway"  # the gateway's own endpoints (/auth/*, /healthz, /metrics...)
 UNMATCHED_ROUTE = "unmatched"  # no route matched the path (404) or the path was refused
-IDP_ENDPOINTS = ("token", "discovery", "jwks", "revoke", "userinfo")
+IDP_ENDPOINTS = ("token", "discovery", "jwks", "revoke", "userinfo", "par")
 EXCHANGE_OUTCOMES = ("ok", "refused", "invalid_grant", "idp_unavailable")
 
 # Seconds. IdP and upstream calls on a LAN take milliseconds; the tail shows timeouts.

@@ -21,6 +21,8 @@ import httpx
 import jwt
 
 from . import own_paths
+from .client_auth import ClientAuthenticator
+from .dpop import DPoP, DPoPBound, DPoPKey, server_of
 from .errors import (
     AudienceNotPermitted,
     GatewayError,
@@ -120,8 +122,12 @@ class OIDCClient:
         http: httpx.AsyncClient,
         *,
         observe: Callable[[str, float], None] | None = None,
+        dpop: DPoP | None = None,
     ) -> None:
         self._settings = settings
+        # Client authentication of every call that needs it (token, revocation, PAR).
+        self._client_auth = ClientAuthenticator(settings.oidc)
+        self.dpop = dpop
         # observe(endpoint, seconds) after each call: token, discovery, jwks, revoke.
         self._observe = observe if observe is not None else _ignore_timing
         self._oidc = settings.oidc
@@ -150,6 +156,16 @@ class OIDCClient:
                         raise IdentityProviderUnavailable(f"the discovery document lacks {key}")
                 if document["issuer"].rstrip("/") != self._oidc.issuer.rstrip("/"):
                     raise IdentityProviderError("the discovery document names another issuer")
+                if self._oidc.par == "required" and not isinstance(
+                    document.get("pushed_authorization_request_endpoint"), str
+                ):
+                    # Never fall back to a front-channel request: the gateway does not start.
+                    raise IdentityProviderError(
+                        "oidc.par is required but the identity provider's discovery document "
+                        "has no pushed_authorization_request_endpoint"
+                    )
+                if self.dpop is not None:
+                    self.dpop.resolve(document)
                 self._metadata, self._metadata_at = document, time.monotonic()
         assert self._metadata is not None
         return self._metadata
@@ -214,12 +230,16 @@ class OIDCClient:
         max_age: int | None = None,
         organization: str | None = None,
         prompt: str | None = None,
+        dpop_jkt: str | None = None,
     ) -> str:
         """The authorization request. ``acr_values`` / ``max_age``: a step-up (Auth0 reads
         ``acr_values``; a standard OpenID Provider, the rfc8707 dialect, is asked with the
         ``claims`` parameter for an essential acr, OIDC Core §5.5.1.1); ``organization``: Auth0
         Organizations; ``prompt``: this login's (``none`` for a silent login), else the
-        configured one."""
+        configured one; ``dpop_jkt``: the thumbprint of the session's DPoP key (RFC 9449 §10),
+        which binds the authorization code to it. With PAR (RFC 9126) the parameters go to the
+        IdP over the back channel, with client authentication, and the browser carries only
+        ``client_id`` and ``request_uri``."""
         metadata = await self.metadata()
         params: list[tuple[str, str]] = [
             ("response_type", "code"),
@@ -251,10 +271,56 @@ class OIDCClient:
             params.append(("max_age", str(max_age)))
         if organization:
             params.append(("organization", organization))
+        if dpop_jkt is not None:
+            params.append(("dpop_jkt", dpop_jkt))
         params.extend(self._oidc.extra_authorize_params.items())
+        par_endpoint = metadata.get("pushed_authorization_request_endpoint")
+        if self._oidc.par != "off" and isinstance(par_endpoint, str):
+            request_uri = await self._push(par_endpoint, params)
+            params = [("client_id", self._oidc.client_id), ("request_uri", request_uri)]
         return f"{metadata['authorization_endpoint']}?{urlencode(params)}"
 
-    async def exchange_code(self, *, code: str, verifier: str) -> TokenResponse:
+    async def _push(self, endpoint: str, params: list[tuple[str, str]]) -> str:
+        """RFC 9126 §2: push the authorization request; its ``request_uri``."""
+        # The client's credentials join the request's own parameters (``resource`` may repeat).
+        credentials, auth = self._client_auth.apply(
+            {}, token_endpoint=(await self.metadata())["token_endpoint"]
+        )
+        form = [(n, v) for n, v in params if n != "client_id"] + list(credentials.items())
+        if "client_id" not in credentials:  # client_secret_basic: still named (RFC 9126 §2.1)
+            form.append(("client_id", self._oidc.client_id))
+        started = time.perf_counter()
+        try:
+            response = await self._http.post(
+                endpoint,
+                content=urlencode(form),
+                headers={"Content-Type": "application/x-www-form-urlencoded"},
+                auth=auth,
+            )
+        except httpx.HTTPError as exc:
+            raise IdentityProviderUnavailable(
+                "the pushed authorization request endpoint is unreachable"
+            ) from exc
+        finally:
+            self._observe("par", time.perf_counter() - started)
+        if response.status_code >= 500 or response.status_code == 429:
+            raise IdentityProviderUnavailable(
+                f"the pushed authorization request endpoint answered {response.status_code}",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        payload = _json_object(response)
+        request_uri = payload.get("request_uri") if payload else None
+        if response.status_code not in (200, 201) or not isinstance(request_uri, str):
+            code = payload.get("error") if payload else None
+            raise IdentityProviderError(
+                "the identity provider refused the pushed authorization request "
+                f"({response.status_code}, {code if isinstance(code, str) else 'no error'})"
+            )
+        return request_uri
+
+    async def exchange_code(
+        self, *, code: str, verifier: str, dpop_key: DPoPKey | None = None
+    ) -> TokenResponse:
         data = {
             "grant_type": "authorization_code",
             "code": code,
@@ -262,7 +328,7 @@ class OIDCClient:
             "code_verifier": verifier,
         }
         try:
-            return await self._token_request(data)
+            return await self._token_request(data, dpop_key)
         except (
             RefreshTokenRejected,
             AudienceNotPermitted,
@@ -329,35 +395,55 @@ class OIDCClient:
     # -- refresh, revoke, logout ----------------------------------------------------------------
 
     async def refresh(
-        self, refresh_token: str, *, audience: str, scopes: list[str]
+        self,
+        refresh_token: str,
+        *,
+        audience: str,
+        scopes: list[str],
+        dpop_key: DPoPKey | None = None,
     ) -> TokenResponse:
-        """Exchange the (multi-resource) refresh token for a token for one audience."""
+        """Exchange the (multi-resource) refresh token for a token for one audience (with a
+        DPoP proof of ``dpop_key``, the session's key, when given)."""
         data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
         data["audience" if self._oidc.dialect == "auth0" else "resource"] = audience
         if scopes:
             data["scope"] = " ".join(scopes)
-        return await self._token_request(data)
+        return await self._token_request(data, dpop_key)
 
-    async def client_credentials(self, *, audience: str, scopes: list[str]) -> TokenResponse:
+    async def client_credentials(
+        self, *, audience: str, scopes: list[str], dpop_key: DPoPKey | None = None
+    ) -> TokenResponse:
         """The gateway's own token for one audience (OAuth client credentials, RFC 6749 §4.4),
         for routes with ``auth: client`` / ``user_or_client``."""
         data = {"grant_type": "client_credentials"}
         data["audience" if self._oidc.dialect == "auth0" else "resource"] = audience
         if scopes:
             data["scope"] = " ".join(scopes)
-        return await self._token_request(data)
+        return await self._token_request(data, dpop_key)
 
-    async def userinfo(self, access_token: str) -> dict[str, Any]:
-        """The userinfo endpoint's claims for the login's access token (``oidc.userinfo``)."""
+    async def userinfo(
+        self, access_token: str, *, dpop_key: DPoPKey | None = None
+    ) -> dict[str, Any]:
+        """The userinfo endpoint's claims for the login's access token (``oidc.userinfo``);
+        a DPoP-bound one goes with a proof of ``dpop_key``."""
         metadata = await self.metadata()
         endpoint = metadata.get("userinfo_endpoint")
         if not isinstance(endpoint, str):
             raise LoginFailed("oidc.userinfo is on but the identity provider has no userinfo")
+        headers = {"Authorization": f"Bearer {access_token}"}
+        if isinstance(access_token, DPoPBound) and dpop_key is not None:
+            headers = {
+                "Authorization": f"DPoP {access_token}",
+                "DPoP": dpop_key.proof(
+                    "GET",
+                    endpoint,
+                    access_token=access_token,
+                    nonce=await self._nonce(endpoint),
+                ),
+            }
         started = time.perf_counter()
         try:
-            response = await self._http.get(
-                endpoint, headers={"Authorization": f"Bearer {access_token}"}
-            )
+            response = await self._http.get(endpoint, headers=headers)
         except httpx.HTTPError as exc:
             raise IdentityProviderUnavailable("the userinfo endpoint is unreachable") from exc
         finally:
@@ -378,12 +464,12 @@ class OIDCClient:
         endpoint = metadata.get("revocation_endpoint")
         if not isinstance(endpoint, str):
             return False
-        data = {"token": token, "token_type_hint": hint}
+        body, auth = self._client_auth.apply(
+            {"token": token, "token_type_hint": hint}, token_endpoint=metadata["token_endpoint"]
+        )
         started = time.perf_counter()
         try:
-            response = await self._http.post(
-                endpoint, data=self._with_client_auth(data), auth=self._basic_auth()
-            )
+            response = await self._http.post(endpoint, data=body, auth=auth)
         except httpx.HTTPError as exc:
             logger.warning("token revocation failed: %s", type(exc).__name__)
             return False
@@ -418,41 +504,47 @@ class OIDCClient:
 
     # -- plumbing -------------------------------------------------------------------------------
 
-    def _basic_auth(self) -> httpx.Auth | httpx._client.UseClientDefault:
-        if (
-            self._oidc.token_endpoint_auth_method == "client_secret_basic"
-            and self._oidc.client_secret
-        ):
-            return httpx.BasicAuth(
-                self._oidc.client_id, self._oidc.client_secret.get_secret_value()
-            )
-        return httpx.USE_CLIENT_DEFAULT
+    async def _nonce(self, url: str) -> str | None:
+        return await self.dpop.nonces.current(server_of(url)) if self.dpop else None
 
-    def _with_client_auth(self, data: dict[str, str]) -> dict[str, str]:
-        data = dict(data)
-        if self._oidc.token_endpoint_auth_method != "client_secret_basic":
-            data["client_id"] = self._oidc.client_id
-        if (
-            self._oidc.token_endpoint_auth_method == "client_secret_post"
-            and self._oidc.client_secret
-        ):
-            data["client_secret"] = self._oidc.client_secret.get_secret_value()
-        return data
-
-    async def _token_request(self, data: dict[str, str]) -> TokenResponse:
+    async def _token_request(
+        self, data: dict[str, str], dpop_key: DPoPKey | None = None
+    ) -> TokenResponse:
+        """POST to the token endpoint with client authentication (and a DPoP proof of
+        ``dpop_key``). A ``use_dpop_nonce`` refusal (RFC 9449 §8) is answered once, with
+        the nonce it carried; every ``DPoP-Nonce`` the IdP sends is remembered."""
         metadata = await self.metadata()
-        body = self._with_client_auth(data)
+        endpoint = metadata["token_endpoint"]
+        response = await self._post_token(endpoint, data, dpop_key)
+        if dpop_key is not None and response.status_code in (400, 401):
+            refusal = _json_object(response)
+            if refusal is not None and refusal.get("error") == "use_dpop_nonce":
+                response = await self._post_token(endpoint, data, dpop_key)
+        return self._token_answer(response)
+
+    async def _post_token(
+        self, endpoint: str, data: dict[str, str], dpop_key: DPoPKey | None
+    ) -> httpx.Response:
+        body, auth = self._client_auth.apply(data, token_endpoint=endpoint)
+        headers: dict[str, str] = {}
+        server = server_of(endpoint)
+        if dpop_key is not None and self.dpop is not None:
+            nonce = await self.dpop.nonces.current(server)
+            headers["DPoP"] = dpop_key.proof("POST", endpoint, nonce=nonce)
         started = time.perf_counter()
         try:
-            response = await self._http.post(
-                metadata["token_endpoint"], data=body, auth=self._basic_auth()
-            )
+            response = await self._http.post(endpoint, data=body, auth=auth, headers=headers)
         except httpx.TimeoutException as exc:
             raise IdentityProviderUnavailable("the identity provider timed out") from exc
         except httpx.HTTPError as exc:
             raise IdentityProviderUnavailable("the identity provider is unreachable") from exc
         finally:
             self._observe("token", time.perf_counter() - started)
+        if self.dpop is not None and "dpop-nonce" in response.headers:
+            await self.dpop.nonces.remember(server, response.headers["dpop-nonce"])
+        return response
+
+    def _token_answer(self, response: httpx.Response) -> TokenResponse:
         if response.status_code == 429:
             # Refused for this request's sake (a quota), not down: TokenBroker backs off for
             # what was asked only (review item 5).

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from .authorize import PUBLIC, Authorizer
 from .challenge import bearer_challenge
 from .connections import ConnectionRegistry
+from .dpop import DPoPBound, nonce_in, server_of
 from .errors import (
     GatewayError,
     HeadersTooLarge,
@@ -122,6 +123,8 @@ class ProxyEndpoint:
                     forward_identity=route.forward_identity_headers,
                 )
             self._header_plans[route.name] = plans[kind]
+        # The server (origin) of each route's upstream: its DPoP nonces are remembered by it.
+        self._servers = {route.name: server_of(route.settings.upstream) for route in routes}
 
     def _request_body(
         self, size: int, found: dict[bytes, str], method: str, route: Route, receive: Receive
@@ -180,12 +183,17 @@ class ProxyEndpoint:
                 context.sub = session.sub if session is not None else None
             query = scope.get("query_string", b"").decode("latin-1")
             url = route.upstream_url(path, query)
+            proof = None
+            if type(bearer) is DPoPBound:  # sender-constrained: a fresh proof per request
+                server = self._servers[route.name]
+                proof = self._authorizer.dpop_proof(session, bearer, method, url, server)
             add_forwarding(
                 headers,
                 client_ip=(scope.get("client") or ("unknown", 0))[0],
                 site=self._site,
                 bearer=bearer,
                 request_id=context.request_id,
+                proof=proof,
             )
             sent_at = time.perf_counter()
             try:
@@ -197,6 +205,8 @@ class ProxyEndpoint:
                     timeout=route.timeout,
                     route=route.name,
                 )
+                if proof is not None:
+                    await self._remember_nonce(upstream, route)
                 if upstream.status == 401 and bearer is not None:
                     upstream = await self._after_refusal(
                         upstream, route, session, bearer, method, url, headers, body
@@ -261,12 +271,16 @@ class ProxyEndpoint:
 
         ``Bearer error="invalid_token"``: the token was revoked or died early: drop it, mint
         another (single flight as always) and send the request once more, when its body can
-        be sent again (none, or read whole and small). ``insufficient_user_authentication``
-        (RFC 9470) on a user's token: ``401 step_up_required`` asking for what it named.
+        be sent again (none, or read whole and small). ``DPoP error="use_dpop_nonce"`` to a
+        DPoP-bound token: once more on the same terms, the proof carrying the new nonce.
+        ``insufficient_user_authentication`` (RFC 9470) on a user's token: ``401
+        step_up_required`` asking for what it named.
         Any other 401 is the upstream's answer, relayed as it is.
         """
+        bound = type(bearer) is DPoPBound
         challenge = bearer_challenge(
-            v.decode("latin-1") for k, v in upstream.headers if k.lower() == b"www-authenticate"
+            (v.decode("latin-1") for k, v in upstream.headers if k.lower() == b"www-authenticate"),
+            "dpop" if bound else "bearer",
         )
         if challenge is None:
             return upstream
@@ -278,17 +292,22 @@ class ProxyEndpoint:
                 acr_values=challenge.acr_values,
                 max_age=challenge.max_age,
             )
-        if not challenge.invalid_token or (body is not None and not body.replayable):
+        nonce = bound and challenge.use_dpop_nonce  # RFC 9449 §9: the nonce is remembered
+        if not (nonce or challenge.invalid_token) or (body is not None and not body.replayable):
             return upstream
         upstream.close()
         self._on_retry(route.name)
-        fresh = await self._authorizer.renewed_token(route, session, bearer)
-        authorization = "Bearer " + fresh
+        fresh = bearer if nonce else await self._authorizer.renewed_token(route, session, bearer)
+        proof = self._authorizer.dpop_proof(session, fresh, method, url, self._servers[route.name])
+        authorization = ("DPoP " if proof is not None else "Bearer ") + fresh
         headers = [
             (name, authorization) if name == "authorization" else (name, value)
             for name, value in headers
+            if name != "dpop"
         ]
-        return await self._upstream.send(
+        if proof is not None:
+            headers.append(("dpop", proof))
+        answer = await self._upstream.send(
             method,
             url,
             headers,
@@ -296,6 +315,18 @@ class ProxyEndpoint:
             timeout=route.timeout,
             route=route.name,
         )
+        if proof is not None:
+            await self._remember_nonce(answer, route)
+        return answer
+
+    async def _remember_nonce(self, upstream: UpstreamResponse, route: Route) -> None:
+        """A ``DPoP-Nonce`` on any answer replaces the one held for the upstream's server."""
+        nonce = nonce_in(upstream.headers)
+        dpop = self._authorizer.dpop
+        if nonce is not None and dpop is not None:
+            server = self._servers[route.name]
+            if nonce != dpop.nonces.get(server):
+                await dpop.nonces.remember(server, nonce)
 
     async def _relay_rest(
         self, upstream: UpstreamResponse, chunk: bytes, send: Send, session_id: str | None

@@ -22,6 +22,7 @@ from . import own_paths
 from .client_tokens import ClientTokenBroker
 from .connections import ConnectionRegistry
 from .crypto import SessionCipher
+from .dpop import DPoP
 from .errors import GatewayError, IdentityProviderUnavailable
 from .metrics import GatewayMetrics
 from .oidc import OIDCClient
@@ -87,7 +88,11 @@ class Services:
         self.connections = ConnectionRegistry()
         self.connections.export(self.metrics.registry)
         self.session_events = create_session_events(settings)
-        self.oidc = OIDCClient(settings, self.idp_http, observe=self.metrics.observe_idp)
+        # DPoP keys and nonces (tokens.dpop); the client key derives from the first secret key.
+        self.dpop = DPoP(settings.tokens.dpop, store=self.store, client_secret=keys[0])
+        self.oidc = OIDCClient(
+            settings, self.idp_http, observe=self.metrics.observe_idp, dpop=self.dpop
+        )
         self.broker = TokenBroker(
             oidc=self.oidc,
             store=self.store,
@@ -95,9 +100,14 @@ class Services:
             metrics=self.metrics,
             login_url=self.login_url,
             on_session_ended=self.end_session,
+            dpop=self.dpop,
         )
         self.client_tokens = ClientTokenBroker(
-            oidc=self.oidc, store=self.store, settings=settings.tokens, metrics=self.metrics
+            oidc=self.oidc,
+            store=self.store,
+            settings=settings.tokens,
+            metrics=self.metrics,
+            dpop=self.dpop,
         )
         self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient.from_settings(
             settings.upstream_pool

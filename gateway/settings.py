@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AliasChoices,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -83,14 +84,43 @@ class ServerSettings(_Section):
     )
 
 
+ClientAuthMethod = Literal["client_secret_post", "client_secret_basic", "private_key_jwt", "none"]
+
+
 class OIDCSettings(_Section):
     issuer: str = Field(description="The OpenID Provider's issuer URL (discovery is fetched).")
     client_id: str = Field(min_length=1, description="The gateway's client id at the IdP.")
     client_secret: SecretStr | None = Field(
         None, description="Set with GATEWAY_OIDC__CLIENT_SECRET, never in the file."
     )
-    token_endpoint_auth_method: Literal["client_secret_post", "client_secret_basic", "none"] = (
-        Field("client_secret_post", description="How the gateway authenticates at /token.")
+    client_auth: ClientAuthMethod = Field(
+        "client_secret_post",
+        # The setting's former name is still read (one setting, two spellings).
+        validation_alias=AliasChoices("client_auth", "token_endpoint_auth_method"),
+        description="How the gateway authenticates to the IdP (token, revocation, PAR): "
+        "client_secret_post | client_secret_basic | private_key_jwt | none (a public "
+        "client). Formerly token_endpoint_auth_method.",
+    )
+    private_key: SecretStr | None = Field(
+        None,
+        description="private_key_jwt: PEM private key(s) from GATEWAY_OIDC__PRIVATE_KEY, never "
+        "in the file; several rotate (the first signs).",
+    )
+    private_key_file: Path | None = Field(
+        None, description="private_key_jwt: a PEM file of one or several private keys."
+    )
+    private_key_alg: Literal["RS256", "PS256", "ES256"] | None = Field(
+        None, description="private_key_jwt: RS256 (default) or PS256 for RSA keys; ES256 (P-256)."
+    )
+    client_assertion_audience: str | None = Field(
+        None,
+        description="private_key_jwt: the assertion's aud (default: the issuer with the auth0 "
+        "dialect, the token endpoint URL otherwise).",
+    )
+    par: Literal["auto", "required", "off"] = Field(
+        "auto",
+        description="Pushed authorization requests (RFC 9126): auto uses them when discovery "
+        "lists pushed_authorization_request_endpoint; required refuses an IdP without one.",
     )
     dialect: Literal["auth0", "rfc8707"] = Field(
         "auth0", description="auth0 sends `audience`; rfc8707 sends `resource`."
@@ -246,6 +276,12 @@ class TokenSettings(_Section):
         False, description="Accept non-JWT access tokens (their audience cannot be checked)."
     )
     cache_size: int = Field(100_000, ge=1, description="Access tokens kept in memory.")
+    dpop: Literal["off", "auto", "required"] = Field(
+        "off",
+        description="Sender-constrained tokens (DPoP, RFC 9449): auto when discovery lists "
+        "dpop_signing_alg_values_supported (a Bearer answer is then accepted); required fails "
+        "closed on any token not bound to the key. Upstreams must accept the DPoP scheme.",
+    )
 
 
 class CSRFSettings(_Section):
@@ -579,18 +615,30 @@ class Settings(BaseSettings):
                 "session.secret_key: required with the redis store "
                 "(set GATEWAY_SESSION__SECRET_KEY)"
             )
+        method = self.oidc.client_auth
         for index, route in enumerate(self.routes):
-            if route.auth in ("client", "user_or_client") and (
-                self.oidc.token_endpoint_auth_method == "none"
-            ):
+            if route.auth in ("client", "user_or_client") and method == "none":
                 raise ValueError(
                     f"routes.{index}.auth: {route.auth} needs client credentials "
-                    "(oidc.token_endpoint_auth_method none cannot ask for a client token)"
+                    "(oidc.client_auth none cannot ask for a client token)"
                 )
-        if self.oidc.token_endpoint_auth_method != "none" and self.oidc.client_secret is None:
+        if method.startswith("client_secret") and self.oidc.client_secret is None:
             raise ValueError(
-                "oidc.client_secret: required for "
-                f"{self.oidc.token_endpoint_auth_method} (set GATEWAY_OIDC__CLIENT_SECRET)"
+                f"oidc.client_secret: required for {method} (set GATEWAY_OIDC__CLIENT_SECRET)"
+            )
+        if method == "private_key_jwt":
+            from .client_keys import load_private_keys  # pure; reads the key file once
+
+            if self.oidc.private_key is None and self.oidc.private_key_file is None:
+                raise ValueError(
+                    "oidc.private_key: required for private_key_jwt (set "
+                    "GATEWAY_OIDC__PRIVATE_KEY or oidc.private_key_file)"
+                )
+            pem = self.oidc.private_key
+            load_private_keys(  # a ValueError names the field, never the key
+                pem.get_secret_value() if pem is not None else None,
+                self.oidc.private_key_file,
+                alg=self.oidc.private_key_alg,
             )
         forward = self.forward_auth
         if forward.enabled and forward.secret is None and not forward.allowed_sources:

@@ -22,6 +22,7 @@ from dataclasses import replace
 import jwt
 from cachetools import TLRUCache
 
+from .dpop import DPoP, DPoPKey, bound_token
 from .errors import (
     AudienceNotPermitted,
     GatewayError,
@@ -120,8 +121,10 @@ class TokenBroker:
         metrics: GatewayMetrics | None = None,
         login_url: str = "/auth/login",
         on_session_ended: Callable[[str], Awaitable[object]] | None = None,
+        dpop: DPoP | None = None,
     ) -> None:
         self._oidc = oidc
+        self._dpop = dpop
         self._login_url = login_url  # named by the LoginRequired this broker raises
         # Ends a session whose refresh token the IdP rejected (Services.end_session: delete,
         # forget cached tokens, close open connections on every instance).
@@ -208,7 +211,8 @@ class TokenBroker:
                 current = await self._store.load(session.id)
                 if current is None:
                     raise LoginRequired("the session has ended", login_url=self._login_url)
-                answer = await self._exchange(current, audience, scopes)
+                dpop_key = self._dpop_key(current)
+                answer = await self._exchange(current, audience, scopes, dpop_key)
                 try:
                     token = checked_token(
                         answer,
@@ -216,6 +220,8 @@ class TokenBroker:
                         scopes=scopes,
                         now=now,
                         allow_opaque=self._allow_opaque,
+                        dpop_jkt=dpop_key.jkt if dpop_key is not None else None,
+                        dpop_required=self._dpop is not None and self._dpop.required,
                     )
                 except GatewayError as exc:
                     self._metrics.exchange_failed(audience, exc)
@@ -276,6 +282,27 @@ class TokenBroker:
     def forget(self, session_id: str) -> None:
         """Drop this process's cached tokens of a session (logout)."""
         self._cache.forget(session_id)
+        if self._dpop is not None:
+            self._dpop.forget(session_id)
+
+    def _dpop_key(self, session: Session) -> DPoPKey | None:
+        """The session's DPoP key when DPoP is on (every token request then has a proof)."""
+        dpop = self._dpop
+        if dpop is None or not dpop.active:
+            return None
+        return dpop.session_key(session.id, session.dpop_jwk)
+
+    async def with_dpop_key(self, session: Session) -> Session:
+        """``session`` with a DPoP key: one made (once, under the session's lock) for a
+        session that started before DPoP was on."""
+        async with self._store.refresh_lock(session.id):
+            current = await self._store.load(session.id)
+            if current is None:
+                raise LoginRequired("the session has ended", login_url=self._login_url)
+            if current.dpop_jwk is None:
+                current = replace(current, dpop_jwk=DPoPKey.generate().to_jwk())
+                await self._store.save(current)
+            return current
 
     async def _end_session(self, session_id: str) -> None:
         if self._on_session_ended is not None:
@@ -287,11 +314,13 @@ class TokenBroker:
     def _due(self, token: CachedToken) -> float:
         return due_time(token, self._skew)
 
-    async def _exchange(self, session: Session, audience: str, scopes: list[str]) -> TokenResponse:
+    async def _exchange(
+        self, session: Session, audience: str, scopes: list[str], key: DPoPKey | None
+    ) -> TokenResponse:
         self.exchanges += 1
         try:
             answer = await self._oidc.refresh(
-                session.refresh_token, audience=audience, scopes=scopes
+                session.refresh_token, audience=audience, scopes=scopes, dpop_key=key
             )
         except RefreshTokenRejected as exc:
             self._metrics.exchange_failed(audience, exc)
@@ -334,9 +363,12 @@ def checked_token(
     scopes: list[str],
     now: float,
     allow_opaque: bool,
+    dpop_jkt: str | None = None,
+    dpop_required: bool = False,
 ) -> CachedToken:
     """Fail closed on a token for another audience or without the route's scopes (user and
-    client tokens alike)."""
+    client tokens alike). ``dpop_jkt``: the request carried a DPoP proof with that key, and
+    the answer must be bound to it (``dpop.bound_token``)."""
     expires_at = now + (answer.expires_in if answer.expires_in is not None else _DEFAULT_LIFETIME)
     granted_scope = answer.scope
     claims = unverified_claims(answer.access_token)
@@ -367,8 +399,18 @@ def checked_token(
             raise InsufficientScope(f"the token for {audience} lacks scope {' '.join(missing)}")
     if expires_at <= now:
         raise IdentityProviderUnavailable("the identity provider issued an expired token")
+    access_token = answer.access_token
+    if dpop_jkt is not None:
+        access_token = bound_token(
+            answer.token_type,
+            access_token,
+            claims,
+            jkt=dpop_jkt,
+            required=dpop_required,
+            audience=audience,
+        )
     return CachedToken(
-        access_token=answer.access_token,
+        access_token=access_token,
         expires_at=expires_at,
         audience=audience,
         scope=granted_scope or "",

@@ -42,6 +42,7 @@ def _copy(session: Session) -> Session:
         claims=dict(claims) if isinstance(claims, dict) else claims,
         last_seen=session.last_seen,
         rt_version=session.rt_version,
+        dpop_jwk=session.dpop_jwk,  # never changed in place: shared
     )
 
 

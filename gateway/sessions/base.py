@@ -13,6 +13,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from ..dpop import DPoPBound
+
 
 class Claims(Mapping[str, Any]):
     """ID-token claims held as compact JSON.
@@ -63,6 +65,9 @@ class Session:
     last_seen: float = 0.0
     # Bumped on every refresh-token rotation; lets a store refuse a stale write (fencing).
     rt_version: int = 0
+    # The session's DPoP private key as a JWK (tokens.dpop): only ever in this record, which
+    # the Redis store encrypts; None for a session without one (DPoP off, or an older record).
+    dpop_jwk: dict[str, str] | None = None
 
     def __repr__(self) -> str:
         return f"Session(id={self.id[:8]}…, sub={self.sub!r}, rt_version={self.rt_version})"
@@ -94,6 +99,8 @@ class Session:
             "last_seen": self.last_seen,
             "rt_version": self.rt_version,
         }
+        if self.dpop_jwk is not None:  # absent otherwise: the record stays as it was
+            data["dpop_jwk"] = self.dpop_jwk
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
@@ -116,11 +123,17 @@ class CachedToken:
         return f"CachedToken(audience={self.audience!r}, expires_at={self.expires_at:.0f})"
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        data = asdict(self)
+        if type(self.access_token) is not str:  # a DPoP-bound token (gateway/dpop.py)
+            data["token_type"] = "DPoP"
+        return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> CachedToken:
-        return cls(**json.loads(raw))
+        data = json.loads(raw)
+        if data.pop("token_type", None) == "DPoP":  # the token goes upstream with a proof
+            data["access_token"] = DPoPBound(data["access_token"])
+        return cls(**data)
 
 
 class SessionStore(Protocol):
@@ -195,6 +208,12 @@ class SessionStore(Protocol):
     async def remember_jti(self, jti: str, ttl: float) -> bool:
         """Record a back-channel logout token's ``jti`` for ``ttl`` seconds; True when it was
         not seen before (replay protection that holds across gateway instances)."""
+
+    async def get_dpop_nonce(self, server: str) -> str | None:
+        """The latest DPoP nonce (RFC 9449 §8, §9) a server (an origin) sent, or None."""
+
+    async def put_dpop_nonce(self, server: str, nonce: str) -> None:
+        """Share a server's newest DPoP nonce with every instance (kept for an hour)."""
 
     async def ping(self) -> None:
         """Raise SessionStoreUnavailable when the backend cannot answer."""

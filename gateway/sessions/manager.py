@@ -117,6 +117,7 @@ class SessionManager:
         refresh_token: str,
         id_token: str | None,
         claims: dict[str, Any],
+        dpop_jwk: dict[str, str] | None = None,
     ) -> tuple[Session, str]:
         """A brand-new session (new id: no fixation) and the Set-Cookie value for it."""
         token = new_secret_token()
@@ -131,6 +132,7 @@ class SessionManager:
             created_at=now,
             absolute_expiry=now + self._settings.session.absolute_timeout,
             last_seen=now,
+            dpop_jwk=dpop_jwk,
         )
         await self.store.save(session)
         value = f"{token}.{self._cipher.sign(token.encode())}"

@@ -42,6 +42,7 @@ class MemorySessionStore:
         self._client_tokens: dict[str, CachedToken] = {}
         self._logins: dict[str, tuple[dict[str, Any], float]] = {}
         self._jtis: dict[str, float] = {}
+        self._dpop_nonces: dict[str, str] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._writes = 0
 
@@ -185,6 +186,13 @@ class MemorySessionStore:
             for key in [k for k, exp in self._jtis.items() if now >= exp]:
                 del self._jtis[key]
         return True
+
+    async def get_dpop_nonce(self, server: str) -> str | None:
+        return self._dpop_nonces.get(server)
+
+    async def put_dpop_nonce(self, server: str, nonce: str) -> None:
+        # One per server the gateway talks to (the IdP, the routes' upstreams): bounded.
+        self._dpop_nonces[server] = nonce
 
     async def ping(self) -> None:
         return None

@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 _RETRY_AFTER = 2
 _LOCK_POLL_MIN = 0.005
 _LOCK_POLL_MAX = 0.1
+_DPOP_NONCE_TTL_MS = 3_600_000  # a DPoP nonce older than this is stale anyway
 # Decoded sessions kept per instance: ~3.2 KB each with a 1,000-character ID token, ~13 MiB.
 DECODED_CACHE_SIZE = 4096
 MAX_PENDING_LOGINS = 10_000  # the default of session.max_pending_logins
@@ -462,6 +463,17 @@ class RedisSessionStore:
         key = self._key("jti", _digest(jti))
         with self._translate("remember_jti"):
             return bool(await self._redis.set(key, b"1", nx=True, px=_ms(ttl)))
+
+    async def get_dpop_nonce(self, server: str) -> str | None:
+        # Not secret (a server sends it in the clear), so stored as it is.
+        with self._translate("get_dpop_nonce"):
+            raw = _bytes(await self._redis.get(self._key("dpop-nonce", _digest(server))))
+        return raw.decode("latin-1") if raw is not None else None
+
+    async def put_dpop_nonce(self, server: str, nonce: str) -> None:
+        key = self._key("dpop-nonce", _digest(server))
+        with self._translate("put_dpop_nonce"):
+            await self._redis.set(key, nonce.encode("latin-1"), px=_DPOP_NONCE_TTL_MS)
 
     # Lifecycle
 

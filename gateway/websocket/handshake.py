@@ -9,8 +9,9 @@ uvicorn does; else a close before accept, code 4000 + status, which servers send
    cookie (401 ``login_required``), the Origin as the anti-CSRF proof (403: a page cannot set
    the anti-CSRF header on a WebSocket, and without the check any site could open the user's
    socket: cross-site WebSocket hijacking), then the route's token (401/403/503);
-3. the upstream upgrade with ``Authorization: Bearer``, the browser's subprotocols and the
-   usual forwarded headers (502/504); the browser is accepted with the subprotocol it chose.
+3. the upstream upgrade with ``Authorization: Bearer`` (or ``DPoP`` and a proof), the browser's
+   subprotocols and the usual forwarded headers (502/504); the browser is accepted with the
+   subprotocol it chose.
 
 The relay (``relay.py``) carries text, binary and close frames both ways, close
 codes and reasons as sent. ASGI has no ping frames, so pings are per hop, never relayed: the
@@ -37,6 +38,7 @@ from yarl import URL
 from ..authorize import Authorizer
 from ..challenge import bearer_challenge
 from ..connections import ConnectionRegistry
+from ..dpop import DPoPBound, server_of
 from ..errors import (
     GatewayError,
     HeadersTooLarge,
@@ -71,6 +73,10 @@ _HANDSHAKE_HEADERS = frozenset(
 
 class TokenRefused(UpstreamError):
     """The upstream refused the upgrade's token with ``invalid_token`` (RFC 6750 §3.1)."""
+
+
+class _NonceRequired(UpstreamError):
+    """The upstream asked for a DPoP proof with its nonce (RFC 9449 §9)."""
 
 
 def _no_count(route: str) -> None:
@@ -200,11 +206,34 @@ class WebSocketEndpoint:
     async def connect(
         self, upgrade: Upgrade, token: str | None, subprotocols: list[str]
     ) -> aiohttp.ClientWebSocketResponse:
-        """Open the upstream WebSocket (bounded by the route's timeout)."""
+        """Open the upstream WebSocket (bounded by the route's timeout); an upstream's
+        ``use_dpop_nonce`` (RFC 9449 §9) is answered with one more upgrade carrying it."""
+        try:
+            return await self._open(upgrade, token, subprotocols)
+        except _NonceRequired:
+            self._on_retry(upgrade.route.name)
+            return await self._open(upgrade, token, subprotocols, nonce_retry=True)
+
+    async def _open(
+        self,
+        upgrade: Upgrade,
+        token: str | None,
+        subprotocols: list[str],
+        *,
+        nonce_retry: bool = False,
+    ) -> aiohttp.ClientWebSocketResponse:
         route = upgrade.route
         headers = list(upgrade.headers)
+        bound = type(token) is DPoPBound
+        server = server_of(upgrade.url)
         if token is not None:
-            headers.append(("authorization", f"Bearer {token}"))
+            # The proof's htu is the upgrade's HTTP URL (the opening handshake is an HTTP GET).
+            url = "http" + upgrade.url[2:] if upgrade.url.startswith("ws") else upgrade.url
+            proof = self._authorizer.dpop_proof(upgrade.session, token, "GET", url, server)
+            if proof is not None:
+                headers += [("authorization", f"DPoP {token}"), ("dpop", proof)]
+            else:
+                headers.append(("authorization", f"Bearer {token}"))
         try:
             async with asyncio.timeout(route.timeout):
                 return await self._client().ws_connect(
@@ -222,7 +251,12 @@ class WebSocketEndpoint:
         except aiohttp.WSServerHandshakeError as exc:
             if exc.status == 401 and token is not None:
                 found = exc.headers.getall("WWW-Authenticate", []) if exc.headers else []
-                challenge = bearer_challenge(found)
+                challenge = bearer_challenge(found, "dpop" if bound else "bearer")
+                dpop = self._authorizer.dpop
+                if bound and dpop is not None and exc.headers is not None:
+                    await dpop.nonces.remember(server, exc.headers.get("DPoP-Nonce"))
+                    if challenge is not None and challenge.use_dpop_nonce and not nonce_retry:
+                        raise _NonceRequired(route.name) from None
                 if challenge is not None and challenge.step_up and upgrade.session is not None:
                     raise StepUpRequired(
                         f"the upstream of route {route.name} asks for a stronger or more "

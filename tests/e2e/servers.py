@@ -47,6 +47,7 @@ __all__ = [
     "CLIENT_SECRET",
     "IDP_DIR",
     "OUTSIDE",
+    "PKJWT_CLIENT_ID",
     "POLICY",
     "RESOURCE_SCOPES",
     "IdpProcess",
@@ -77,6 +78,7 @@ CLIENT_ID = "bff"  # client_secret_post
 CLIENT_SECRET = "bff-secret"
 BASIC_CLIENT_ID = "bff-basic"  # client_secret_basic
 BASIC_CLIENT_SECRET = "bff-basic-secret"
+PKJWT_CLIENT_ID = "bff-pkjwt"  # private_key_jwt, DPoP required (nonces), PAR required
 
 STARTUP_TIMEOUT = 60.0
 NPM_TIMEOUT = 300.0
@@ -147,6 +149,7 @@ class IdpProcess:
         rotate: bool = False,
         backchannel_uri: str | None = None,
         startup_timeout: float = STARTUP_TIMEOUT,
+        pkjwt_jwks: dict[str, Any] | None = None,
     ) -> None:
         ensure_idp_dependencies()
         node = shutil.which("node")
@@ -159,6 +162,8 @@ class IdpProcess:
             IDP_BACKCHANNEL_URI=backchannel_uri or "",
             IDP_EXIT_ON_STDIN_EOF="1",
             NODE_NO_WARNINGS="1",
+            # The client bff-pkjwt (private_key_jwt, DPoP with nonces, PAR): see server.mjs.
+            IDP_PKJWT_JWKS=json.dumps(pkjwt_jwks) if pkjwt_jwks else "",
         )
         self.at_ttl = at_ttl
         self.rotate = rotate
@@ -244,6 +249,10 @@ class IdpProcess:
         """Zero the counters (``POST /__stats/reset``)."""
         self._http.post("/__stats/reset").raise_for_status()
 
+    def rotate_dpop_nonce(self) -> None:
+        """Make every DPoP nonce issued so far stale (``POST /__dpop/rotate``)."""
+        self._http.post("/__dpop/rotate").raise_for_status()
+
     # -- lifecycle
     @property
     def running(self) -> bool:
@@ -291,13 +300,16 @@ def start_idp(
     rotate: bool = False,
     backchannel_uri: str | None = None,
     startup_timeout: float = STARTUP_TIMEOUT,
+    pkjwt_jwks: dict[str, Any] | None = None,
 ) -> IdpProcess:
-    """Start the test IdP and wait until it is ready (use as a context manager)."""
+    """Start the test IdP and wait until it is ready (use as a context manager);
+    ``pkjwt_jwks`` registers the client ``bff-pkjwt`` with that public JWKS."""
     return IdpProcess(
         at_ttl=at_ttl,
         rotate=rotate,
         backchannel_uri=backchannel_uri,
         startup_timeout=startup_timeout,
+        pkjwt_jwks=pkjwt_jwks,
     )
 
 

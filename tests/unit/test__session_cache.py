@@ -155,6 +155,7 @@ def test_session_cache_copy_keeps_every_field() -> None:
         "claims",
         "last_seen",
         "rt_version",
+        "dpop_jwk",
     }
     original = make_session(rt_version=4, last_seen=12.5)
     decode = Decoder({BLOB: original})

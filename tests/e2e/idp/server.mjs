@@ -21,12 +21,18 @@
 //                        (default: none, so no back-channel logout)
 //   IDP_EXIT_ON_STDIN_EOF  "1" exits when stdin closes, so the IdP dies with
 //                        the test process that spawned it (default "0")
+//   IDP_PKJWT_JWKS       a public JWKS (JSON): registers the client `bff-pkjwt`
+//                        (below) and turns on pushed authorization requests and
+//                        DPoP nonces for every DPoP proof (default: none of it)
 //
 // Clients (confidential, grant types authorization_code + refresh_token +
 // client_credentials; a client-credentials token is a JWT for one `resource`):
 //   bff        / bff-secret        token_endpoint_auth_method client_secret_post
 //   bff-basic  / bff-basic-secret  token_endpoint_auth_method client_secret_basic
-// Both accept any redirect_uri `http://{127.0.0.1|localhost}:<port>/auth/callback`
+//   bff-pkjwt  (no secret)         private_key_jwt with IDP_PKJWT_JWKS; DPoP-bound
+//                                  access tokens required (nonces required);
+//                                  pushed authorization requests required
+// All accept any redirect_uri `http://{127.0.0.1|localhost}:<port>/auth/callback`
 // and any post_logout_redirect_uri `http://{127.0.0.1|localhost}:<port>/<path>`.
 //
 // Resource servers (JWT access tokens, RS256, aud = the resource):
@@ -42,6 +48,8 @@
 //   GET  /__health        200 {"ok": true}
 //   GET  /__stats         counters, see `newStats()`
 //   POST /__stats/reset   zeroes the counters
+//   POST /__dpop/rotate   a new DPoP nonce secret: every nonce issued so far is
+//                         refused from now on (`use_dpop_nonce` with a new one)
 //
 // Dev interactions are on: any login/password is accepted and the login
 // becomes `sub`; consent grants every requested scope and resource.
@@ -64,6 +72,8 @@ import { setDefaultResultOrder } from 'node:dns';
 import { createServer } from 'node:http';
 
 import Provider, { errors } from 'oidc-provider';
+import ServerChallenge from 'oidc-provider/lib/helpers/challenge.js';
+import instance from 'oidc-provider/lib/helpers/weak_cache.js';
 
 // oidc-provider prints its notices with console.info (stdout); keep stdout for
 // the single ready line only.
@@ -85,6 +95,7 @@ if (!Number.isInteger(PORT) || PORT < 0 || PORT > 65535) {
 const HOST = process.env.IDP_HOST || '127.0.0.1';
 const ROTATE = process.env.IDP_ROTATE === '1';
 const BACKCHANNEL_URI = process.env.IDP_BACKCHANNEL_URI || undefined;
+const PKJWT_JWKS = process.env.IDP_PKJWT_JWKS ? JSON.parse(process.env.IDP_PKJWT_JWKS) : undefined;
 
 const RESOURCE_SERVERS = {
   'https://api.example.com': 'read:orders write:orders',
@@ -111,6 +122,9 @@ function newStats() {
     dropped_resources: {},
     end_sessions: 0,
     backchannel: { success: 0, error: 0 },
+    pushed_authorization_requests: 0,
+    dpop_proofs: 0,
+    dpop_nonce_rotations: 0,
   };
 }
 
@@ -258,12 +272,23 @@ function account(sub) {
   };
 }
 
+function pkjwtClient() {
+  const { client_secret: _none, ...metadata } = clientMetadata('bff-pkjwt', undefined, 'private_key_jwt');
+  return {
+    ...metadata,
+    jwks: PKJWT_JWKS,
+    dpop_bound_access_tokens: true,
+    require_pushed_authorization_requests: true,
+  };
+}
+
 function buildProvider(issuer) {
   const provider = new Provider(issuer, {
     adapter: MapAdapter,
     clients: [
       clientMetadata('bff', 'bff-secret', 'client_secret_post'),
       clientMetadata('bff-basic', 'bff-basic-secret', 'client_secret_basic'),
+      ...(PKJWT_JWKS ? [pkjwtClient()] : []),
     ],
     jwks: signingKeys(),
     cookies: { keys: [randomBytes(32).toString('hex')] },
@@ -290,7 +315,10 @@ function buildProvider(issuer) {
       revocation: { enabled: true },
       rpInitiatedLogout: { enabled: true },
       backchannelLogout: { enabled: true },
-      pushedAuthorizationRequests: { enabled: false },
+      pushedAuthorizationRequests: { enabled: Boolean(PKJWT_JWKS) },
+      dPoP: PKJWT_JWKS
+        ? { enabled: true, nonceSecret: randomBytes(32), requireNonce: () => true }
+        : { enabled: true },
       resourceIndicators: {
         enabled: true,
         useGrantedResource: async () => true,
@@ -392,6 +420,9 @@ function buildProvider(issuer) {
     if (grantType === 'refresh_token') bump(stats.refresh_errors, code);
   });
   provider.on('grant.revoked', () => { stats.grants_revoked += 1; });
+  provider.on('pushed_authorization_request.success', () => {
+    stats.pushed_authorization_requests += 1;
+  });
   provider.on('end_session.success', () => { stats.end_sessions += 1; });
   provider.on('backchannel.success', () => { stats.backchannel.success += 1; });
   provider.on('backchannel.error', (_ctx, err, clientId) => {
@@ -413,11 +444,17 @@ function sendJson(res, status, body) {
 }
 
 let handler = (_req, res) => sendJson(res, 503, { error: 'starting' });
+let currentProvider;
 
 const server = createServer((req, res) => {
   const path = (req.url ?? '/').split('?')[0];
   if (path === '/__health' && req.method === 'GET') return sendJson(res, 200, { ok: true });
   if (path === '/__stats' && req.method === 'GET') return sendJson(res, 200, stats);
+  if (path === '/__dpop/rotate' && req.method === 'POST' && currentProvider) {
+    instance(currentProvider).DPoPNonces = new ServerChallenge(randomBytes(32), 'DPoP');
+    stats.dpop_nonce_rotations += 1;
+    return sendJson(res, 200, { rotated: true });
+  }
   if (path === '/__stats/reset' && req.method === 'POST') {
     stats = newStats();
     return sendJson(res, 200, stats);
@@ -435,6 +472,7 @@ server.listen(PORT, HOST, () => {
   const { port } = server.address();
   const issuer = `http://${HOST.includes(':') ? `[${HOST}]` : HOST}:${port}`;
   const provider = buildProvider(issuer);
+  currentProvider = provider;
   handler = provider.callback();
   process.stdout.write(`${JSON.stringify({ issuer, port })}\n`);
 });
