@@ -116,8 +116,18 @@ def ensure_python_peer() -> None:
         venv.EnvBuilder(with_pip=True, clear=True).create(PYTHON_VENV)
         python = str(python_peer_interpreter())
         _run(
-            [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-             "--require-hashes", "--no-deps", "-r", "requirements.txt"],
+            [
+                python,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--require-hashes",
+                "--no-deps",
+                "-r",
+                "requirements.txt",
+            ],
             PYTHON_DIR,
         )
         stamp.write_text(digest)

@@ -92,9 +92,7 @@ def make_local_tls(directory: Path) -> LocalTls:
     tls.ca.write_bytes(ca_cert.public_bytes(pem))
     tls.cert.write_bytes(cert.public_bytes(pem))
     tls.key.write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     tls.key.chmod(0o600)
     return tls
