@@ -113,6 +113,13 @@ class AuthEndpoints:
             id_token=tokens.id_token,
             claims={k: claims[k] for k in _PUBLIC_CLAIMS if k in claims},
         )
+        login_audience = self._services.settings.oidc.login_audience
+        if login_audience:  # the login's access token is that audience's (auth0 dialect)
+            await self._services.broker.adopt(
+                session.id,
+                tokens,
+                [r for r in self._routes if r.needs_token and r.audience == login_audience],
+            )
         logger.info("login complete for session %s", session.id[:8])
         response = RedirectResponse(pending["return_to"], status_code=302)
         response.headers.append("Set-Cookie", cookie)

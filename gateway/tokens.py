@@ -226,6 +226,27 @@ class TokenBroker:
             await self._store.put_token(session.id, store_key, token)
             return token.access_token
 
+    async def adopt(self, session_id: str, answer: TokenResponse, routes: list[Route]) -> int:
+        """Keep the login's own access token for ``routes`` (those of the login audience),
+        after the checks an exchanged token passes (``aud``, ``scope``): the code exchange
+        already paid for it, so their first requests need no refresh-token exchange (issue 23:
+        the minimum). A route the token fails a check for exchanges as before. Returns how
+        many routes took it."""
+        now = self._clock()
+        adopted = 0
+        for route in routes:
+            key: CacheKey = (session_id, route.audience, route.scope_key)
+            try:
+                token = self._checked(
+                    answer, audience=route.audience, scopes=route.settings.scopes, now=now
+                )
+            except GatewayError:
+                continue
+            self._cache.put(key, token)
+            await self._store.put_token(session_id, f"{route.audience} {key[2]}", token)
+            adopted += 1
+        return adopted
+
     def _refused(self, error: type[GatewayError], message: str) -> GatewayError:
         """A remembered refusal, raised again."""
         if issubclass(error, LoginRequired):
