@@ -347,8 +347,9 @@ def report_lines(
 ) -> list[str]:
     rows = [r for r in bench.results.rows if r.section == SECTION]
     lines = [
-        "| target | body | conns | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MiB | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | body | conns | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MiB | errors "
+        "| load1 | foreign CPU |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         load = row.load
@@ -356,13 +357,12 @@ def report_lines(
         errors = f"{error_rate(load):.1%}" if error_count(load) else "0"
         if short:
             errors += " (short bodies)"
+        cpu = f"{row.cpu_us:,.0f}" if row.cpu_us is not None else ""
+        rss = f"{row.rss_mib:.0f}" if row.rss_mib is not None else ""
         lines.append(
             f"| {row.target} | {row.body} | {row.connections} | {load.rps:,.0f} | "
-            f"{_ms(load.p50_ms)} | {_ms(load.p99_ms)} | "
-            f"{row.cpu_us:,.0f} | {row.rss_mib:.0f} | {errors} |"
-            if row.cpu_us is not None and row.rss_mib is not None
-            else f"| {row.target} | {row.body} | {row.connections} | {load.rps:,.0f} | "
-            f"{_ms(load.p50_ms)} | {_ms(load.p99_ms)} |  |  | {errors} |"
+            f"{_ms(load.p50_ms)} | {_ms(load.p99_ms)} | {cpu} | {rss} | {errors} | "
+            f"{row.load1:.2f} | {row.foreign_cpu:.0f}% |"
         )
     lines += [
         "",
