@@ -347,6 +347,8 @@ def report_lines(
 ) -> list[str]:
     rows = [r for r in bench.results.rows if r.section == SECTION]
     lines = [
+        f"Peers' versions: {servers.versions()}.",
+        "",
         "| target | body | conns | req/s | p50 ms | p99 ms | CPU µs/req | peak RSS MiB | errors "
         "| load1 | foreign CPU |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -133,6 +133,28 @@ def ensure_python_peer() -> None:
         stamp.write_text(digest)
 
 
+def versions() -> str:
+    """The peers' versions as installed (node, its packages; the Python peer's pins)."""
+    found = []
+    node = shutil.which("node")
+    if node:
+        done = subprocess.run([node, "--version"], capture_output=True, text=True, check=False)
+        found.append(f"node {done.stdout.strip()}")
+    for package in ("express", "express-openid-connect", "http-proxy-middleware"):
+        manifest = NODE_DIR / "node_modules" / package / "package.json"
+        if manifest.exists():
+            found.append(f"{package} {json.loads(manifest.read_text())['version']}")
+    pins = dict(
+        line.split(" ", 1)[0].split("==")
+        for line in (PYTHON_DIR / "requirements.txt").read_text().splitlines()
+        if "==" in line and not line.startswith((" ", "#"))
+    )
+    for package in ("auth0-fastapi", "auth0-server-python", "fastapi", "httpx", "uvicorn"):
+        if package in pins:
+            found.append(f"{package} {pins[package]}")
+    return ", ".join(found)
+
+
 def _wait_ready(process: subprocess.Popen[str], port: int, what: str) -> None:
     try:
         wait_listening(port, process, what)
