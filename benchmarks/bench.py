@@ -11,7 +11,7 @@ import httpx
 from tests.e2e.login import browser_login
 from tests.e2e.servers import IdpProcess
 
-from .machine import CpuPlan, ForeignCpu, cpu_seconds, load1
+from .machine import CpuPlan, ForeignCpu, TreeRssSampler, cpu_seconds, load1, mib
 from .report import Results, Row
 from .upstream import ONE_MIB, SMALL_JSON
 from .wrk import check_clean, run_wrk
@@ -45,9 +45,12 @@ class Bench:
         headers: dict[str, str] | None = None,
         pids: tuple[int, ...] = (),
         record: bool = True,
+        strict: bool = True,
     ) -> Row:
         """Warm up, then one recorded wrk run of ``args.duration`` seconds on ``url + body``;
-        ``pids``: the servers whose CPU time per request is recorded (with their children)."""
+        ``pids``: the servers whose CPU time per request is recorded (with their children),
+        and whose peak RSS (the process trees') is recorded. ``strict``: refuse a cell with
+        any error; else record it with its error rate (the peers, benchmarks/peers/)."""
         path, size = BODIES[body]
         base, prefix = _split(url)
         used = headers if headers is not None else self.headers
@@ -61,7 +64,8 @@ class Bench:
                 headers=used,
                 prefix=self.plan.load_prefix(),
             )
-            check_clean(warm, expect_body=size, label=label + " (warm-up)")
+            if strict:
+                check_clean(warm, expect_body=size, label=label + " (warm-up)")
         # The end of the last wrk run (this warm-up, or the cell before) cut answers off
         # mid-body; the target relays their rest to nobody for a moment. Not inside the
         # measurement (it cost the second of two back-to-back gateway cells 2-3x the p99 at
@@ -70,26 +74,38 @@ class Bench:
         meter = ForeignCpu()
         started_load = load1()
         cpu_before = sum(cpu_seconds(pid) for pid in pids)
-        result = run_wrk(
-            base,
-            [prefix + path],
-            connections=connections,
-            seconds=self.args.duration,
-            headers=used,
-            prefix=self.plan.load_prefix(),
-        )
+        rss = TreeRssSampler(pids) if pids else None
+        try:
+            result = run_wrk(
+                base,
+                [prefix + path],
+                connections=connections,
+                seconds=self.args.duration,
+                headers=used,
+                prefix=self.plan.load_prefix(),
+            )
+        finally:
+            if rss is not None:
+                rss.stop()
         foreign = meter.percent()
         cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before
         cpu_us = 1e6 * cpu / result.requests if pids and result.requests else None
-        check_clean(result, expect_body=size, label=label)
+        if strict:
+            check_clean(result, expect_body=size, label=label)
         row = Row(section, target, body, connections, result, started_load, foreign, cpu_us)
+        row.rss_mib = mib(rss.peak) if rss is not None else None
         if record:
             self.results.rows.append(row)
         print(
             f"  {label:<62} {result.rps:>9,.0f} req/s  p50 {result.p50_ms:6.2f} ms  "
             f"p99 {result.p99_ms:7.2f} ms (wrk {result.p99_wrk_ms or 0:7.2f})  "
             f"cpu {cpu_us or 0:5.0f} us/req  "
-            f"load1 {started_load:.2f}  foreign {foreign:3.0f}%",
+            f"load1 {started_load:.2f}  foreign {foreign:3.0f}%"
+            + (
+                f"  ERRORS: {result.errors} socket, {result.non_2xx} non-2xx"
+                if result.errors or result.non_2xx
+                else ""
+            ),
             flush=True,
         )
         return row

@@ -7,6 +7,7 @@ outside this benchmark's own process tree used meanwhile ("foreign CPU").
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import threading
@@ -88,6 +89,36 @@ class RssSampler:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+
+
+class TreeRssSampler:
+    """Samples the summed RSS of process trees (nginx's workers, a server's children) in a
+    thread; ``peak`` is the highest sum seen."""
+
+    def __init__(self, pids: tuple[int, ...], interval: float = 0.2) -> None:
+        self._pids = pids
+        self._interval = interval
+        self.peak = self._sample()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-rss-sampler", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> int:
+        parents, _ = _process_table()
+        total = 0
+        for pid in {member for root in self._pids for member in _tree(root, parents)}:
+            with contextlib.suppress(OSError, RuntimeError):
+                total += rss_bytes(pid)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.peak = max(self.peak, self._sample())
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.peak = max(self.peak, self._sample())
 
 
 def _busy_jiffies() -> tuple[int, int]:

@@ -38,6 +38,7 @@ class Row:
     load1: float  # 1-minute load average when the cell started
     foreign_cpu: float  # % of one core used by processes outside the benchmark meanwhile
     cpu_us: float | None = None  # CPU time of the measured server(s) per request
+    rss_mib: float | None = None  # peak RSS of the measured servers' process trees
 
 
 @dataclass

@@ -26,6 +26,7 @@ from tests.e2e.servers import free_port, start_idp
 from . import phases, stack
 from .bench import LARGE, SMALL, Bench, check_route, login, session_headers
 from .machine import CpuPlan, load1
+from .peers.phase import run_peers
 from .profile import profile_token_route
 from .report import BARE, DPOP, NONE, TOKEN, Results, render
 from .upstream import SMALL_JSON
@@ -75,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         "--skip",
         default="",
         help="comma-separated phases to leave out: transfers,proxy,client,profile,"
-        "forward-auth,store,economy,sessions,dpop (the DPoP gateway of the proxy grid)",
+        "forward-auth,store,economy,peers,sessions,dpop (the DPoP gateway of the proxy grid)",
     )
     parser.add_argument(
         "--smoke",
@@ -241,6 +242,9 @@ def run(args: argparse.Namespace) -> Results:
         if "economy" not in skip:
             print("token economy", flush=True)
             phases.token_economy(bench, urls)
+        if "peers" not in skip:
+            print("peers: nginx, gateway, Node.js BFF, Python BFF", flush=True)
+            run_peers(bench, upstream, sink)
     if "sessions" not in skip:
         print("sessions in memory", flush=True)
         phases.sessions_memory(bench)

@@ -271,6 +271,14 @@ class AuthEndpoints:
             claims=kept,
             dpop_jwk=dpop_jwk if key is not None else None,
         )
+        login_audience = self._services.settings.oidc.login_audience
+        if login_audience:  # the login's access token is that audience's (auth0 dialect)
+            await self._services.broker.adopt(
+                session.id,
+                tokens,
+                [r for r in self._routes if r.needs_session and r.audience == login_audience],
+                dpop_jkt=key.jkt if key is not None else None,
+            )
         logger.info("login complete for session %s", session.id[:8])
         response = RedirectResponse(pending["return_to"], status_code=302)
         response.headers.append("Set-Cookie", cookie)

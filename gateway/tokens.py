@@ -248,6 +248,40 @@ class TokenBroker:
             await self._store.put_token(session.id, store_key, token)
             return token.access_token
 
+    async def adopt(
+        self,
+        session_id: str,
+        answer: TokenResponse,
+        routes: list[Route],
+        *,
+        dpop_jkt: str | None = None,
+    ) -> int:
+        """Keep the login's own access token for ``routes`` (those of the login audience),
+        after the checks an exchanged token passes (``aud``, ``scope``, the DPoP binding): the
+        code exchange already paid for it, so their first requests need no refresh-token
+        exchange (the minimum). A route the token fails a check for exchanges as before.
+        Returns how many routes took it."""
+        now = self._clock()
+        adopted = 0
+        for route in routes:
+            key: CacheKey = (session_id, route.audience, route.scope_key)
+            try:
+                token = checked_token(
+                    answer,
+                    audience=route.audience,
+                    scopes=route.settings.scopes,
+                    now=now,
+                    allow_opaque=self._allow_opaque,
+                    dpop_jkt=dpop_jkt,
+                    dpop_required=self._dpop is not None and self._dpop.required,
+                )
+            except GatewayError:
+                continue
+            self._cache.put(key, token)
+            await self._store.put_token(session_id, f"{route.audience} {key[2]}", token)
+            adopted += 1
+        return adopted
+
     def _refused(self, refusal: GatewayError) -> GatewayError:
         """A remembered refusal, raised again (a new exception each time)."""
         if isinstance(refusal, LoginRequired):

@@ -18,7 +18,7 @@ from gateway import create_app
 from gateway.sessions.base import Claims, Session
 from gateway.sessions.memory import MemorySessionStore
 
-from .conftest import DISCOVERY, ISSUER, id_token, make_settings
+from .conftest import API, DISCOVERY, ISSUER, access_token, id_token, make_settings
 
 pytestmark = pytest.mark.anyio
 
@@ -183,3 +183,40 @@ async def test_login_me_and_logout_read_the_compact_session(idp: respx.MockRoute
     assert logout.status_code == 200 and logout.json()["logged_out"] is True
     hint = parse_qs(urlsplit(logout.json()["logout_url"]).query)["id_token_hint"]
     assert hint == [token]
+
+
+async def test_callback_keeps_the_login_token_for_the_login_audience(
+    idp: respx.MockRouter,
+) -> None:
+    """auth0 dialect with login_audience: the code exchange's access token serves that
+    audience's route (no refresh-token exchange on its first request); others stay empty."""
+    app = create_app(make_settings())
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="https://app.example.com"
+        ) as client,
+    ):
+        login = await client.get("/auth/login")
+        query = parse_qs(urlsplit(login.headers["location"]).query)
+        login_token = access_token(API, scope="openid offline_access read:orders")
+        idp.post(str(DISCOVERY["token_endpoint"])).respond(
+            json={
+                "access_token": login_token,
+                "expires_in": 600,
+                "scope": "openid offline_access read:orders",
+                "id_token": id_token(nonce=query["nonce"][0]),
+                "refresh_token": "rt-1",
+            }
+        )
+        callback = await client.get(
+            "/auth/callback",
+            params={"state": query["state"][0], "code": "code-1"},
+            headers={"Cookie": login.headers["set-cookie"].split(";")[0]},
+        )
+        assert callback.status_code == 302, callback.text
+        services = app.state.services
+        session_id = next(iter(services.store._sessions))
+        api, billing = services.routes.by_name("api"), services.routes.by_name("billing")
+        assert services.broker.cached_token(session_id, api) == login_token
+        assert services.broker.cached_token(session_id, billing) is None

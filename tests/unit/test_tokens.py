@@ -18,7 +18,7 @@ from gateway.errors import (
     LoginRequired,
     RefreshTokenRejected,
 )
-from gateway.oidc import OIDCClient
+from gateway.oidc import OIDCClient, TokenResponse
 from gateway.routing import RouteTable
 from gateway.sessions import CachedToken, MemorySessionStore, Session
 from gateway.settings import Settings
@@ -420,3 +420,50 @@ async def test_broker_caps_the_idps_retry_after(h: Harness, idp: respx.MockRoute
     idp.post(TOKEN_URL).mock(side_effect=_token_answer)
     assert await h.token("api")
     assert route.call_count == 2
+
+
+async def test_broker_adopts_the_login_token_for_its_audience_only(
+    h: Harness, idp: respx.MockRouter
+) -> None:
+    """issue 23: the code exchange's token for the login audience serves that audience's
+    routes without a refresh-token exchange; another audience still exchanges."""
+    route = idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    login = access_token(API, scope="openid offline_access read:orders write:orders")
+    answer = TokenResponse(
+        access_token=login,
+        expires_in=600,
+        refresh_token="rt-0",
+        id_token=None,
+        scope="openid offline_access read:orders write:orders",
+        token_type="Bearer",
+    )
+    routes = [r for r in h.routes if r.needs_token]
+    assert await h.broker.adopt(h.session.id, answer, routes) == 1
+    assert await h.token("api") == login
+    assert route.call_count == 0
+    assert await h.token("billing") != login
+    assert route.call_count == 1
+
+
+@pytest.mark.parametrize(
+    ("audience", "scope"),
+    [(BILLING, "read:orders"), (API, "openid offline_access")],
+    ids=["another audience", "without the route's scope"],
+)
+async def test_broker_drops_a_login_token_that_fails_a_check(
+    h: Harness, idp: respx.MockRouter, audience: str, scope: str
+) -> None:
+    route = idp.post(TOKEN_URL).mock(side_effect=_token_answer)
+    answer = TokenResponse(
+        access_token=access_token(audience, scope=scope),
+        expires_in=600,
+        refresh_token="rt-0",
+        id_token=None,
+        scope=scope,
+        token_type="Bearer",
+    )
+    api = h.routes.by_name("api")
+    assert api is not None
+    assert await h.broker.adopt(h.session.id, answer, [api]) == 0
+    await h.token("api")
+    assert route.call_count == 1

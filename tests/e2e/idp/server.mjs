@@ -24,6 +24,11 @@
 //   IDP_PKJWT_JWKS       a public JWKS (JSON): registers the client `bff-pkjwt`
 //                        (below) and turns on pushed authorization requests and
 //                        DPoP nonces for every DPoP proof (default: none of it)
+//   IDP_TLS_CERT, IDP_TLS_KEY  PEM files: serve https and name an https issuer
+//                        (for SDKs that refuse http issuers; the benchmark's peers)
+//   IDP_AUDIENCE_PARAM   "1" also speaks Auth0's dialect: `audience` stands for
+//                        `resource` at /token, and at /auth it asks for every API
+//                        of the MRRT policy, the named one first (default "0")
 //
 // Clients (confidential, grant types authorization_code + refresh_token +
 // client_credentials; a client-credentials token is a JWT for one `resource`):
@@ -69,7 +74,9 @@
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { setDefaultResultOrder } from 'node:dns';
-import { createServer } from 'node:http';
+import { readFileSync } from 'node:fs';
+import { createServer as createHttpServer } from 'node:http';
+import { createServer as createHttpsServer } from 'node:https';
 
 import Provider, { errors } from 'oidc-provider';
 import ServerChallenge from 'oidc-provider/lib/helpers/challenge.js';
@@ -96,6 +103,10 @@ const HOST = process.env.IDP_HOST || '127.0.0.1';
 const ROTATE = process.env.IDP_ROTATE === '1';
 const BACKCHANNEL_URI = process.env.IDP_BACKCHANNEL_URI || undefined;
 const PKJWT_JWKS = process.env.IDP_PKJWT_JWKS ? JSON.parse(process.env.IDP_PKJWT_JWKS) : undefined;
+const TLS = process.env.IDP_TLS_CERT
+  ? { cert: readFileSync(process.env.IDP_TLS_CERT), key: readFileSync(process.env.IDP_TLS_KEY) }
+  : undefined;
+const AUDIENCE_PARAM = process.env.IDP_AUDIENCE_PARAM === '1';
 
 const RESOURCE_SERVERS = {
   'https://api.example.com': 'read:orders write:orders',
@@ -383,6 +394,34 @@ function buildProvider(issuer) {
     return typeof value === 'string' && LOOPBACK_POST_LOGOUT.test(value);
   };
 
+  // Auth0's dialect (IDP_AUDIENCE_PARAM): its `audience` is RFC 8707's `resource`. A login
+  // for one audience yields a refresh token for the whole MRRT policy, as at Auth0.
+  if (AUDIENCE_PARAM) {
+    provider.use(async (ctx, next) => {
+      if (ctx.method === 'GET' && ctx.path === '/auth') {
+        const params = new URLSearchParams(ctx.querystring);
+        const audience = params.get('audience');
+        if (audience && !params.has('resource')) {
+          for (const r of [audience, ...POLICY.filter((p) => p !== audience)]) {
+            params.append('resource', r);
+          }
+        }
+        params.delete('audience');
+        ctx.querystring = params.toString();
+      } else if (ctx.method === 'POST' && ctx.path === '/token' && ctx.is('application/x-www-form-urlencoded')) {
+        const chunks = [];
+        for await (const chunk of ctx.req) chunks.push(chunk);
+        const params = new URLSearchParams(Buffer.concat(chunks).toString());
+        if (params.has('audience') && !params.has('resource')) {
+          params.set('resource', params.get('audience'));
+        }
+        params.delete('audience');
+        ctx.req.body = params.toString(); // oidc-provider reads an already-read body from here
+      }
+      await next();
+    });
+  }
+
   // MRRT policy: drop `resource` values outside the policy from /auth.
   provider.use(async (ctx, next) => {
     if (ctx.method === 'GET' && ctx.path === '/auth') {
@@ -446,7 +485,7 @@ function sendJson(res, status, body) {
 let handler = (_req, res) => sendJson(res, 503, { error: 'starting' });
 let currentProvider;
 
-const server = createServer((req, res) => {
+const onRequest = (req, res) => {
   const path = (req.url ?? '/').split('?')[0];
   if (path === '/__health' && req.method === 'GET') return sendJson(res, 200, { ok: true });
   if (path === '/__stats' && req.method === 'GET') return sendJson(res, 200, stats);
@@ -460,7 +499,8 @@ const server = createServer((req, res) => {
     return sendJson(res, 200, stats);
   }
   return handler(req, res);
-});
+};
+const server = TLS ? createHttpsServer(TLS, onRequest) : createHttpServer(onRequest);
 server.keepAliveTimeout = 5_000;
 
 server.on('error', (err) => {
@@ -470,7 +510,7 @@ server.on('error', (err) => {
 
 server.listen(PORT, HOST, () => {
   const { port } = server.address();
-  const issuer = `http://${HOST.includes(':') ? `[${HOST}]` : HOST}:${port}`;
+  const issuer = `${TLS ? 'https' : 'http'}://${HOST.includes(':') ? `[${HOST}]` : HOST}:${port}`;
   const provider = buildProvider(issuer);
   currentProvider = provider;
   handler = provider.callback();
