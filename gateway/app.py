@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from . import own_paths
 from .access_log import AccessLog
+from .admin import AdminEndpoint, AdminListener
 from .auth_routes import AuthEndpoints
 from .authorize import Authorizer
 from .dispatch import Dispatcher, OwnRoute
@@ -82,9 +83,19 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         # Any method: Envoy's ext_authz sends the original one.
         own[forward_auth.path] = own_subtrees[forward_auth.path] = OwnRoute(None, forward_auth)
 
+    admin: AdminListener | None = None
+    if settings.admin.port is not None and settings.admin.token is not None:
+        admin = AdminListener(
+            AdminEndpoint(services.session_admin, token=settings.admin.token.get_secret_value()),
+            settings.admin,
+        )
+        services.close_on_shutdown("admin listener", admin.close)
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         await services.startup()
+        if admin is not None:
+            await admin.start()
         try:
             yield {"services": services}
         finally:
@@ -106,4 +117,5 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.admin = admin
     return app

@@ -33,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
         "--config", help="YAML file (default $GATEWAY_CONFIG, then config/gateway.yaml)"
     )
     check.add_argument("--online", action="store_true", help="also fetch discovery and JWKS")
+    sessions = sub.add_parser(
+        "sessions", help="list or end a user's sessions (through the shared session store)"
+    )
+    sessions.add_argument("action", choices=("list", "revoke"))
+    sessions.add_argument(
+        "--config", help="YAML file (default $GATEWAY_CONFIG, then config/gateway.yaml)"
+    )
+    sessions.add_argument("--sub", help="the user (OIDC sub)")
+    sessions.add_argument("--sid", help="revoke: the IdP session (OIDC sid) instead")
+    sessions.add_argument("--id", dest="handle", help="revoke: only this session (from list)")
     return parser
 
 
@@ -79,10 +89,68 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"gateway: {exc.error}: {exc.message}", file=sys.stderr)
                 return EXIT_FAILED
         return EXIT_OK
-    return serve(settings, host=args.host, port=args.port)
+    if args.command == "sessions":
+        return manage_sessions(
+            settings, args.action, sub=args.sub, sid=args.sid, handle=args.handle
+        )
+    return serve(settings, host=args.host, port=args.port, config=args.config)
 
 
-def serve(settings: Settings, *, host: str | None = None, port: int | None = None) -> int:
+def manage_sessions(
+    settings: Settings,
+    action: str,
+    *,
+    sub: str | None,
+    sid: str | None = None,
+    handle: str | None = None,
+) -> int:
+    """``gateway sessions list|revoke``: the admin API's actions, through the store (Redis:
+    the sessions every instance shares; ended everywhere through the session events)."""
+    if settings.session.store != "redis":
+        print(
+            "gateway: the memory store lives inside the running gateway process; "
+            "use its admin API (admin.port) instead",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    if action == "list" and not sub:
+        print("gateway: sessions list needs --sub", file=sys.stderr)
+        return EXIT_CONFIG
+    if action == "revoke" and not (sub or sid):
+        print("gateway: sessions revoke needs --sub or --sid", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        print(asyncio.run(_manage_sessions(settings, action, sub, sid, handle)))
+    except GatewayError as exc:
+        print(f"gateway: {exc.error}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+async def _manage_sessions(
+    settings: Settings, action: str, sub: str | None, sid: str | None, handle: str | None
+) -> str:
+    import json
+
+    from .services import Services
+
+    services = Services(settings)
+    try:
+        admin = services.session_admin
+        if action == "list" and sub:
+            return json.dumps({"sessions": [s.to_json() for s in await admin.list_sessions(sub)]})
+        return json.dumps({"ended": await admin.revoke(sub=sub, sid=sid, handle=handle)})
+    finally:
+        await services.shutdown()
+
+
+def serve(
+    settings: Settings,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    config: str | None = None,
+) -> int:
     """Run the gateway under uvicorn until interrupted."""
     import uvicorn
 

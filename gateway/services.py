@@ -23,9 +23,11 @@ from .connections import ConnectionRegistry
 from .crypto import SessionCipher
 from .errors import GatewayError, IdentityProviderUnavailable
 from .metrics import GatewayMetrics
+from .observability import user_for_log
 from .oidc import OIDCClient
 from .proxy import AiohttpUpstreamClient, UpstreamClient
 from .routing import RouteTable
+from .session_admin import SessionAdmin
 from .sessions import MemorySessionStore, SessionStore
 from .sessions.base import Session
 from .sessions.events import create_session_events
@@ -94,6 +96,14 @@ class Services:
             metrics=self.metrics,
             login_url=self.login_url,
             on_session_ended=self.end_session,
+        )
+        self.session_admin = SessionAdmin(
+            store=self.store,
+            end_session=self.end_session,
+            metrics=self.metrics,
+            idle_timeout=settings.session.idle_timeout,
+            max_per_user=settings.session.max_per_user,
+            describe_user=lambda sub: user_for_log(sub, settings.log.user, self.log_user_key),
         )
         self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient.from_settings(
             settings.upstream_pool

@@ -42,6 +42,7 @@ def _copy(session: Session) -> Session:
         claims=dict(claims) if isinstance(claims, dict) else claims,
         last_seen=session.last_seen,
         rt_version=session.rt_version,
+        user_agent=session.user_agent,
     )
 
 

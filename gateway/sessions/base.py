@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 
@@ -63,6 +63,9 @@ class Session:
     last_seen: float = 0.0
     # Bumped on every refresh-token rotation; lets a store refuse a stale write (fencing).
     rt_version: int = 0
+    # The browser's family at login ("Firefox", "curl"...), for the session admin's list: a
+    # short fixed name (user_agent.py), never the raw header.
+    user_agent: str | None = None
 
     def __repr__(self) -> str:
         return f"Session(id={self.id[:8]}…, sub={self.sub!r}, rt_version={self.rt_version})"
@@ -94,12 +97,21 @@ class Session:
             "last_seen": self.last_seen,
             "rt_version": self.rt_version,
         }
+        # Only when known: a session without it stays byte for byte what earlier versions
+        # wrote. (Those versions refuse a key they do not know: a session made with it is no
+        # session to them; see CHANGELOG, rolling upgrades.)
+        if self.user_agent is not None:
+            data["user_agent"] = self.user_agent
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Session:
         data = json.loads(raw)
-        return cls(**data)
+        # Keys of a later version are left out rather than refused (forward compatible).
+        return cls(**{k: v for k, v in data.items() if k in _SESSION_FIELDS})
+
+
+_SESSION_FIELDS = frozenset(f.name for f in fields(Session))
 
 
 @dataclass(slots=True, frozen=True)

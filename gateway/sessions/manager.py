@@ -115,6 +115,7 @@ class SessionManager:
         refresh_token: str,
         id_token: str | None,
         claims: dict[str, Any],
+        user_agent: str | None = None,
     ) -> tuple[Session, str]:
         """A brand-new session (new id: no fixation) and the Set-Cookie value for it."""
         token = new_secret_token()
@@ -129,6 +130,7 @@ class SessionManager:
             created_at=now,
             absolute_expiry=now + self._settings.session.absolute_timeout,
             last_seen=now,
+            user_agent=user_agent,
         )
         await self.store.save(session)
         value = f"{token}.{self._cipher.sign(token.encode())}"

@@ -183,3 +183,16 @@ async def test_login_me_and_logout_read_the_compact_session(idp: respx.MockRoute
     assert logout.status_code == 200 and logout.json()["logged_out"] is True
     hint = parse_qs(urlsplit(logout.json()["logout_url"]).query)["id_token_hint"]
     assert hint == [token]
+
+
+def test_wire_format_carries_the_user_agent_family_only_when_known() -> None:
+    session = _session(user_agent="Firefox")
+    blob = session.to_json()
+    assert blob.endswith(b'"rt_version":3,"user_agent":"Firefox"}')
+    assert Session.from_json(blob) == session
+    assert b"user_agent" not in _session().to_json()
+
+
+def test_wire_format_ignores_keys_of_a_later_version() -> None:
+    later = OLD_BLOB[:-1] + b',"a_later_field":[1,2]}'
+    assert Session.from_json(later) == Session.from_json(OLD_BLOB)
