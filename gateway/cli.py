@@ -161,7 +161,8 @@ def serve(
     # uvicorn refuses browser WebSocket messages over ws_max_size before the route's own limit
     # (websocket_max_message_bytes) is checked: let the largest route limit through.
     ws_limits = [r.websocket_max_message_bytes for r in settings.routes if r.websocket]
-    app = create_app(settings)
+    # SIGHUP reads the file (and the environment) again: reload.py.
+    app = create_app(settings, settings_source=lambda: load_settings(config))
     # Everything built so far lives as long as the process: move it out of the collector's
     # reach, so full collections stay short (p99 51 -> 12 ms at 16 connections, see
     # benchmarks/README.md). Here, not in the app: an embedding app decides for itself.

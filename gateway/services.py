@@ -114,6 +114,15 @@ class Services:
         self._start_failure: tuple[float, GatewayError | None] = (0.0, None)
         self._closers: list[Closer] = []
 
+    def reconfigure(self, settings: Settings) -> None:
+        """Take a reloaded configuration (reload.py: its restart-only parts are the running
+        ones): the new route table, and metric series for its routes and audiences."""
+        self.settings = settings
+        self.routes = RouteTable(settings.routes)
+        self.metrics.bind_routes(
+            [r.name for r in settings.routes], {r.audience for r in settings.routes if r.audience}
+        )
+
     def close_on_shutdown(self, name: str, close: Callable[[], Awaitable[object]]) -> None:
         """Register an endpoint's own resource (the WebSocket client) for :meth:`shutdown`."""
         self._closers.append((name, close))

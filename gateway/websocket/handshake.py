@@ -34,7 +34,7 @@ from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from ..authorize import Authorizer
-from ..connections import ConnectionRegistry
+from ..connections import GOING_AWAY, ConnectionRegistry
 from ..errors import (
     GatewayError,
     HeadersTooLarge,
@@ -94,6 +94,7 @@ class WebSocketEndpoint:
         self._token_skew = token_skew
         self._clock = clock or LoopClock()
         self._session: aiohttp.ClientSession | None = None
+        self._open: dict[WebSocketConnection, str] = {}  # relayed now -> its route's name
         self.opened = 0  # counters (observability, tests)
         self.refused = 0
 
@@ -124,7 +125,26 @@ class WebSocketEndpoint:
             skew=self._token_skew,
             clock=self._clock,
         )
-        await connection.run()
+        self._open[connection] = route_name
+        try:
+            await connection.run()
+        finally:
+            self._open.pop(connection, None)
+
+    def reconfigure(
+        self, *, routes: RouteTable, authorizer: Authorizer, max_header_bytes: int
+    ) -> int:
+        """Take a reloaded route table (reload.py): new upgrades use it; a relayed WebSocket
+        whose route is gone, or no longer takes WebSockets, closes with 1001 Going Away (the
+        others stay open on the route they were opened with). Returns how many closed."""
+        self._routes = routes
+        self._authorizer = authorizer
+        self._max_header_bytes = max_header_bytes
+        kept = {r.name for r in routes if r.settings.websocket}
+        closing = [c for c, name in self._open.items() if name not in kept]
+        for connection in closing:
+            connection.end(GOING_AWAY, "route removed")
+        return len(closing)
 
     async def _check(self, scope: Scope, raw_path: str) -> Upgrade:
         if sum(len(k) + len(v) for k, v in scope["headers"]) > self._max_header_bytes:
