@@ -30,6 +30,7 @@ from .security_headers import own_answer_headers
 from .services import Services
 from .settings import Settings
 from .static import StaticSite
+from .traced_dispatch import TracedDispatcher
 from .websocket import WebSocketEndpoint
 
 
@@ -165,7 +166,9 @@ def create_app(
                 reloader.remove_signal_handler()
             await services.shutdown()
 
-    app = Dispatcher(
+    tracing = services.tracing
+    app = (TracedDispatcher if tracing is not None else Dispatcher)(
+        **({"tracing": tracing} if tracing is not None else {}),
         own=live.own,
         own_subtrees=live.own_subtrees,
         static=live.static,

@@ -34,6 +34,7 @@ from .sessions.events import create_session_events
 from .sessions.manager import SessionManager
 from .settings import Settings
 from .tokens import TokenBroker
+from .tracing import Tracing
 
 logger = logging.getLogger("gateway")
 
@@ -75,15 +76,20 @@ class Services:
         public = urlsplit(settings.public_url)
         self.public_scheme = public.scheme
         self.public_host = public.netloc
-        self.store = create_store(settings)
+        # Tracing on: the store, the IdP client and the upstream client are traced wrappers
+        # (tracing.py); off, they are the plain objects and nothing else changes.
+        self.tracing = Tracing.from_settings(settings)
+        plain_store = create_store(settings)
+        self.store = self.tracing.store(plain_store) if self.tracing else plain_store
         self.sessions = SessionManager(settings, self.store, self.cipher)
         self.idp_http = httpx.AsyncClient(
             timeout=settings.oidc.http_timeout,
             follow_redirects=False,
             headers={"User-Agent": "mrrt-gateway"},
+            transport=self.tracing.idp_transport() if self.tracing else None,
         )
         self.metrics = GatewayMetrics.from_settings(settings)
-        self.metrics.track_sessions(self.store)
+        self.metrics.track_sessions(plain_store)
         # Open WebSockets and streams per session; session ends reach other instances too.
         self.connections = ConnectionRegistry()
         self.connections.export(self.metrics.registry)
@@ -96,6 +102,7 @@ class Services:
             metrics=self.metrics,
             login_url=self.login_url,
             on_session_ended=self.end_session,
+            tracing=self.tracing,
         )
         self.session_admin = SessionAdmin(
             store=self.store,
@@ -108,6 +115,8 @@ class Services:
         self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient.from_settings(
             settings.upstream_pool
         )
+        if self.tracing is not None:
+            self.upstream = self.tracing.upstream(self.upstream)
         self.metrics_port: int | None = None  # bound port of metrics.port's listener
         self.started = False  # discovery and JWKS fetched (ensure_started)
         self._start_lock = asyncio.Lock()
@@ -176,6 +185,8 @@ class Services:
             ("IdP client", self.idp_http.aclose),
             ("session store", self.store.close),
         ]
+        if self.tracing is not None:
+            steps.append(("trace exporter", self.tracing.shutdown))
         for name, close in steps:
             try:
                 await close()

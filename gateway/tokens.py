@@ -13,6 +13,7 @@ The order of operations is the product (DESIGN.md §2):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -38,6 +39,7 @@ from .retry_after import cap_retry_after
 from .routing import Route
 from .sessions.base import CachedToken, Session, SessionStore
 from .settings import TokenSettings
+from .tracing import Tracing
 
 logger = logging.getLogger("gateway.tokens")
 
@@ -120,6 +122,7 @@ class TokenBroker:
         metrics: GatewayMetrics | None = None,
         login_url: str = "/auth/login",
         on_session_ended: Callable[[str], Awaitable[object]] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._oidc = oidc
         self._login_url = login_url  # named by the LoginRequired this broker raises
@@ -147,6 +150,7 @@ class TokenBroker:
         self._rate_limited: TLRUCache[BackOffKey, tuple[float, str]] = TLRUCache(
             maxsize=10_000, ttu=lambda _k, value, _now: value[0], timer=clock
         )
+        self._tracing = tracing  # a span per exchange (tracing.py); None: tracing off
         self.exchanges = 0  # refresh-token grants sent (observability, tests)
 
     def cached_token(self, session_id: str, route: Route) -> str | None:
@@ -198,12 +202,17 @@ class TokenBroker:
                 current = await self._store.load(session.id)
                 if current is None:
                     raise LoginRequired("the session has ended", login_url=self._login_url)
-                answer = await self._exchange(current, audience, scopes)
-                try:
-                    token = self._checked(answer, audience=audience, scopes=scopes, now=now)
-                except GatewayError as exc:
-                    self._metrics.exchange_failed(audience, exc)
-                    raise
+                with (
+                    self._tracing.token_exchange(audience, session.id, "refresh_token")
+                    if self._tracing is not None
+                    else contextlib.nullcontext()
+                ):
+                    answer = await self._exchange(current, audience, scopes)
+                    try:
+                        token = self._checked(answer, audience=audience, scopes=scopes, now=now)
+                    except GatewayError as exc:
+                        self._metrics.exchange_failed(audience, exc)
+                        raise
             except SessionEnded as exc:  # a logout won the race with this exchange
                 raise LoginRequired("the session has ended", login_url=self._login_url) from exc
             except (AudienceNotPermitted, InsufficientScope, LoginRequired) as exc:
