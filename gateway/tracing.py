@@ -226,7 +226,8 @@ class TracedTransport(httpx.AsyncBaseTransport):
             "http.request.method": request.method,
             "server.address": url.host,
             "server.port": url.port or (443 if url.scheme == "https" else 80),
-            "url.full": f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}",
+            # Host and path only: no userinfo, no query.
+            "url.full": f"{url.scheme}://{url.host}{f':{url.port}' if url.port else ''}{url.path}",
             "gateway.peer": "idp",
         }
         with self._tracer.start_as_current_span(
