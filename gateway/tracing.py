@@ -248,14 +248,19 @@ class TracedTransport(httpx.AsyncBaseTransport):
 
 
 class TracedSessionStore:
-    """A SessionStore whose calls are spans ``gateway.session_store.<operation>``; waiting for
-    the refresh lock is a span of its own (``Tracing.lock_wait``)."""
+    """A SessionStore whose calls are spans ``gateway.session_store.<operation>`` (but the
+    memory store's ``load_now``); waiting for the refresh lock is a span of its own
+    (``Tracing.lock_wait``)."""
 
     def __init__(self, inner: SessionStore, tracing: Tracing) -> None:
         self._inner = inner
         self._tracing = tracing
         self._tracer = tracing.tracer
         self.idle_timeout = inner.idle_timeout
+        # A store that answers without IO (the memory store: a dict lookup) is read through
+        # untraced on the hot path, as SessionManager reads it: a span would cost ~50 times
+        # the lookup and say nothing. Its other calls are traced.
+        self.load_now: Callable[[str], Session | None] | None = getattr(inner, "load_now", None)
 
     def __repr__(self) -> str:
         return f"TracedSessionStore({self._inner!r})"
