@@ -7,14 +7,16 @@ dispatcher (``dispatch.py``). Nothing else happens here; there are no module glo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
 
 from . import own_paths
 from .access_log import AccessLog
+from .admin import AdminEndpoint, AdminListener
 from .auth_routes import AuthEndpoints
 from .authorize import Authorizer
 from .dispatch import Dispatcher, OwnRoute
@@ -23,16 +25,29 @@ from .headers import forwarded_site
 from .health import HealthEndpoints
 from .proxy import UpstreamClient
 from .proxy_endpoint import ProxyEndpoint
+from .reload import Reloader
 from .security_headers import own_answer_headers
 from .services import Services
 from .settings import Settings
 from .static import StaticSite
+from .traced_dispatch import TracedDispatcher
 from .websocket import WebSocketEndpoint
 
 
-def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) -> Starlette:
-    """The gateway as an ASGI app (standalone, or mounted with ``app.mount("/", ...)``)."""
-    services = Services(settings, upstream=upstream)
+@dataclass(frozen=True, slots=True)
+class _Live:
+    """What the endpoints build from one configuration (a reload builds it again)."""
+
+    authorizer: Authorizer
+    own: dict[str, OwnRoute]
+    own_subtrees: dict[str, OwnRoute]
+    static: StaticSite | None
+    proxy: ProxyEndpoint
+    access: AccessLog
+
+
+def _compose(settings: Settings, services: Services) -> _Live:
+    """The per-configuration part: the route table's endpoints and the gateway's own paths."""
     authorizer = Authorizer.from_services(services)
     own_headers = own_answer_headers(https=settings.is_https)
     gateway_cookies = services.sessions.cookie_names_bytes
@@ -48,19 +63,6 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         own_headers=own_headers,
         on_retry=services.metrics.token_retried,
     )
-    websockets = WebSocketEndpoint(
-        routes=services.routes,
-        authorizer=authorizer,
-        connections=services.connections,
-        gateway_cookies=gateway_cookies,
-        max_header_bytes=settings.limits.max_header_bytes,
-        public_scheme=services.public_scheme,
-        public_host=services.public_host,
-        login_url=services.login_url,
-        token_skew=settings.tokens.skew,
-        on_retry=services.metrics.token_retried,
-    )
-    services.close_on_shutdown("websockets", websockets.close)
     auth = AuthEndpoints(
         services, oidc=services.oidc, routes=services.routes, authorizer=authorizer
     )
@@ -85,29 +87,103 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         )
         # Any method: Envoy's ext_authz sends the original one.
         own[forward_auth.path] = own_subtrees[forward_auth.path] = OwnRoute(None, forward_auth)
-
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
-        await services.startup()
-        try:
-            yield {"services": services}
-        finally:
-            await services.shutdown()
-
-    app = Dispatcher(
+    return _Live(
+        authorizer=authorizer,
         own=own,
         own_subtrees=own_subtrees,
         static=(
             StaticSite(settings.static, services.routes) if settings.static is not None else None
         ),
         proxy=proxy,
-        websockets=websockets,
         access=AccessLog(
             metrics=services.metrics, settings=settings.log, user_key=services.log_user_key
         ),
+    )
+
+
+def create_app(
+    settings: Settings,
+    *,
+    upstream: UpstreamClient | None = None,
+    settings_source: Callable[[], Settings] | None = None,
+) -> Starlette:
+    """The gateway as an ASGI app (standalone, or mounted with ``app.mount("/", ...)``).
+
+    ``settings_source``: how to read the configuration again (``gateway run``: the file and the
+    environment); with it, SIGHUP reloads (``reload.py``; also ``app.state.reloader.reload()``).
+    """
+    services = Services(settings, upstream=upstream)
+    live = _compose(settings, services)
+    websockets = WebSocketEndpoint(
+        routes=services.routes,
+        authorizer=live.authorizer,
+        connections=services.connections,
+        gateway_cookies=services.sessions.cookie_names_bytes,
+        max_header_bytes=settings.limits.max_header_bytes,
+        public_scheme=services.public_scheme,
+        public_host=services.public_host,
+        login_url=services.login_url,
+        token_skew=settings.tokens.skew,
+        on_retry=services.metrics.token_retried,
+    )
+    services.close_on_shutdown("websockets", websockets.close)
+    admin: AdminListener | None = None
+    if settings.admin.port is not None and settings.admin.token is not None:
+        admin = AdminListener(
+            AdminEndpoint(services.session_admin, token=settings.admin.token.get_secret_value()),
+            settings.admin,
+        )
+        services.close_on_shutdown("admin listener", admin.close)
+
+    def apply(new: Settings) -> None:
+        services.reconfigure(new)
+        fresh = _compose(new, services)
+        websockets.reconfigure(
+            routes=services.routes,
+            authorizer=fresh.authorizer,
+            max_header_bytes=new.limits.max_header_bytes,
+        )
+        app.reconfigure(
+            own=fresh.own,
+            own_subtrees=fresh.own_subtrees,
+            static=fresh.static,
+            proxy=fresh.proxy,
+            access=fresh.access,
+        )
+
+    reloader = (
+        Reloader(settings, source=settings_source, apply=apply, metrics=services.metrics)
+        if settings_source is not None
+        else None
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        await services.startup()
+        if admin is not None:
+            await admin.start()
+        on_signal = reloader is not None and reloader.install_signal_handler()
+        try:
+            yield {"services": services}
+        finally:
+            if on_signal and reloader is not None:
+                reloader.remove_signal_handler()
+            await services.shutdown()
+
+    tracing = services.tracing
+    app = (TracedDispatcher if tracing is not None else Dispatcher)(
+        **({"tracing": tracing} if tracing is not None else {}),
+        own=live.own,
+        own_subtrees=live.own_subtrees,
+        static=live.static,
+        proxy=live.proxy,
+        websockets=websockets,
+        access=live.access,
         https=settings.is_https,
-        error_headers=own_headers,
+        error_headers=own_answer_headers(https=settings.is_https),
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.admin = admin
+    app.state.reloader = reloader
     return app

@@ -13,6 +13,7 @@ pending login and checked again at the callback (fail closed):
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -31,6 +32,7 @@ from .errors import (
     GatewayError,
     LoginFailed,
     LoginRequired,
+    PayloadTooLarge,
     with_query,
 )
 from .headers import joined_cookie
@@ -43,10 +45,12 @@ from .sessions.base import Session
 from .sessions.manager import LOGIN_TTL
 from .settings import check_acr_value, check_organization
 from .tokens import unverified_claims
+from .user_agent import user_agent_family
 
 logger = logging.getLogger("gateway.auth")
 
 _ERROR_CODE = re.compile(r"^[a-z_]{1,64}$")
+_LOGOUT_BODY_MAX = 1024
 # ID-token claims worth showing to the SPA on /auth/me; the rest stays server side.
 _PUBLIC_CLAIMS = (
     "sub",
@@ -270,6 +274,7 @@ class AuthEndpoints:
             id_token=tokens.id_token,
             claims=kept,
             dpop_jwk=dpop_jwk if key is not None else None,
+            user_agent=user_agent_family(request.headers.get("user-agent")),
         )
         login_audience = self._services.settings.oidc.login_audience
         if login_audience:  # the login's access token is that audience's (auth0 dialect)
@@ -280,6 +285,7 @@ class AuthEndpoints:
                 dpop_jkt=key.jkt if key is not None else None,
             )
         logger.info("login complete for session %s", session.id[:8])
+        await self._services.session_admin.enforce_limit(session)  # session.max_per_user
         response = RedirectResponse(pending["return_to"], status_code=302)
         response.headers.append("Set-Cookie", cookie)
         response.headers.append("Set-Cookie", self._sessions.clear_login_cookie())
@@ -342,8 +348,12 @@ class AuthEndpoints:
                 "logout needs the anti-CSRF header, a same-origin form post or a top-level "
                 "navigation from this origin"
             )
+        everywhere = await _wants_everywhere(request)
         session_id = self._sessions.session_id_from_cookie(joined_cookie(request.scope["headers"]))
         session = await self._services.end_session(session_id, revoke=True) if session_id else None
+        ended_elsewhere = 0
+        if everywhere and session is not None:
+            ended_elsewhere = await self._services.session_admin.logout_everywhere(session)
         post_logout = self._post_logout_url
         logout_url = (
             await self._oidc.end_session_url(
@@ -354,7 +364,10 @@ class AuthEndpoints:
         ) or post_logout
         response: Response
         if header is not None:
-            response = JSONResponse({"logged_out": session is not None, "logout_url": logout_url})
+            body: dict[str, Any] = {"logged_out": session is not None, "logout_url": logout_url}
+            if everywhere:
+                body["ended_elsewhere"] = ended_elsewhere
+            response = JSONResponse(body)
         else:
             response = RedirectResponse(logout_url, status_code=303)
         response.headers.append("Set-Cookie", self._sessions.clear_cookie())
@@ -427,6 +440,26 @@ class AuthEndpoints:
         token = await read_logout_token(request)
         await process_logout_token(self._services, token)
         return _no_store(Response(status_code=200))
+
+
+async def _wants_everywhere(request: Request) -> bool:
+    """A logout POSTed with the JSON body ``{"everywhere": true}`` (at most 1 KiB): end every
+    session of the user, not only this browser's."""
+    if request.method != "POST":
+        return False
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return False
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > _LOGOUT_BODY_MAX:
+            raise PayloadTooLarge(f"the logout body is over {_LOGOUT_BODY_MAX} bytes")
+    try:
+        data = json.loads(body) if body else {}
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("everywhere") is True
 
 
 def _is_same_origin_navigation(request: Request, allowed_origins: list[str]) -> bool:

@@ -106,6 +106,25 @@ class Dispatcher(Starlette):
         self._https = https
         self._error_headers = error_headers
 
+    def reconfigure(
+        self,
+        *,
+        own: dict[str, OwnRoute],
+        own_subtrees: dict[str, OwnRoute],
+        static: StaticSite | None,
+        proxy: ProxyEndpoint,
+        access: AccessLog,
+    ) -> None:
+        """Serve a reloaded configuration's endpoints from the next request on (reload.py).
+
+        One synchronous step: a request reads these before its first await, so it runs on
+        one configuration from start to end."""
+        self._own = own
+        self._own_subtrees = tuple((path + "/", route) for path, route in own_subtrees.items())
+        self._static = static
+        self._proxy = proxy
+        self._access = access
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind != "http":

@@ -47,6 +47,9 @@ GATEWAY_ROUTE = "gateway"  # the gateway's own endpoints (/auth/*, /healthz, /me
 UNMATCHED_ROUTE = "unmatched"  # no route matched the path (404) or the path was refused
 IDP_ENDPOINTS = ("token", "discovery", "jwks", "revoke", "userinfo", "par")
 EXCHANGE_OUTCOMES = ("ok", "refused", "invalid_grant", "idp_unavailable")
+# Operator and user actions on sessions (session_admin.py), and why the sessions they end ended.
+SESSION_ACTIONS = ("list", "revoke", "logout_everywhere", "max_per_user")
+RELOAD_OUTCOMES = ("applied", "refused")
 
 # Seconds. IdP and upstream calls on a LAN take milliseconds; the tail shows timeouts.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -149,6 +152,28 @@ class GatewayMetrics:
         self._exchange_children = {
             (a, o): self._exchanges.labels(a, o) for a in audiences for o in EXCHANGE_OUTCOMES
         }
+        actions = Counter(
+            "gateway_session_actions",
+            "Session actions: an operator's list or revoke, a user's logout everywhere, "
+            "max_per_user at login.",
+            ["action"],
+            registry=r,
+        )
+        self._actions = {a: actions.labels(a) for a in SESSION_ACTIONS}
+        ended = Counter(
+            "gateway_sessions_ended_by_action",
+            "Sessions ended by those actions.",
+            ["action"],
+            registry=r,
+        )
+        self._ended_by_action = {a: ended.labels(a) for a in SESSION_ACTIONS}
+        reloads = Counter(
+            "gateway_config_reloads",
+            "Configuration reloads (SIGHUP): applied, or refused (the file failed validation).",
+            ["outcome"],
+            registry=r,
+        )
+        self._reloads = {o: reloads.labels(o) for o in RELOAD_OUTCOMES}
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -200,6 +225,33 @@ class GatewayMetrics:
                 audience, outcome
             )
         child.inc()
+
+    def session_action(self, action: str, ended: int = 0) -> None:
+        """One of :data:`SESSION_ACTIONS`, and how many sessions it ended."""
+        self._actions[action].inc()
+        if ended:
+            self._ended_by_action[action].inc(ended)
+
+    def config_reload(self, outcome: str) -> None:
+        """One of :data:`RELOAD_OUTCOMES`."""
+        self._reloads[outcome].inc()
+
+    def bind_routes(self, routes: Iterable[str], audiences: Iterable[str]) -> None:
+        """Series for the routes and audiences of a reloaded configuration (a removed one's
+        series stay: a counter does not go back)."""
+        for name in routes:
+            if name not in self._by_route:
+                self._by_route[name] = (
+                    self._request_seconds.labels(name),
+                    {},
+                    self._upstream_seconds.labels(name),
+                )
+        for audience in audiences:
+            for outcome in EXCHANGE_OUTCOMES:
+                if (audience, outcome) not in self._exchange_children:
+                    self._exchange_children[(audience, outcome)] = self._exchanges.labels(
+                        audience, outcome
+                    )
 
     def observe_idp(self, endpoint: str, seconds: float) -> None:
         """One call to the IdP (``token``, ``discovery``, ``jwks`` or ``revoke``)."""

@@ -25,15 +25,18 @@ from .crypto import SessionCipher
 from .dpop import DPoP
 from .errors import GatewayError, IdentityProviderUnavailable
 from .metrics import GatewayMetrics
+from .observability import user_for_log
 from .oidc import OIDCClient
 from .proxy import AiohttpUpstreamClient, UpstreamClient
 from .routing import RouteTable
+from .session_admin import SessionAdmin
 from .sessions import MemorySessionStore, SessionStore
 from .sessions.base import Session
 from .sessions.events import create_session_events
 from .sessions.manager import SessionManager
 from .settings import Settings
 from .tokens import TokenBroker
+from .tracing import Tracing
 
 logger = logging.getLogger("gateway")
 
@@ -75,15 +78,20 @@ class Services:
         public = urlsplit(settings.public_url)
         self.public_scheme = public.scheme
         self.public_host = public.netloc
-        self.store = create_store(settings)
+        # Tracing on: the store, the IdP client and the upstream client are traced wrappers
+        # (tracing.py); off, they are the plain objects and nothing else changes.
+        self.tracing = Tracing.from_settings(settings)
+        plain_store = create_store(settings)
+        self.store = self.tracing.store(plain_store) if self.tracing else plain_store
         self.sessions = SessionManager(settings, self.store, self.cipher)
         self.idp_http = httpx.AsyncClient(
             timeout=settings.oidc.http_timeout,
             follow_redirects=False,
             headers={"User-Agent": "mrrt-gateway"},
+            transport=self.tracing.idp_transport() if self.tracing else None,
         )
         self.metrics = GatewayMetrics.from_settings(settings)
-        self.metrics.track_sessions(self.store)
+        self.metrics.track_sessions(plain_store)
         # Open WebSockets and streams per session; session ends reach other instances too.
         self.connections = ConnectionRegistry()
         self.connections.export(self.metrics.registry)
@@ -101,6 +109,7 @@ class Services:
             login_url=self.login_url,
             on_session_ended=self.end_session,
             dpop=self.dpop,
+            tracing=self.tracing,
         )
         self.client_tokens = ClientTokenBroker(
             oidc=self.oidc,
@@ -109,14 +118,33 @@ class Services:
             metrics=self.metrics,
             dpop=self.dpop,
         )
+        self.session_admin = SessionAdmin(
+            store=self.store,
+            end_session=self.end_session,
+            metrics=self.metrics,
+            idle_timeout=settings.session.idle_timeout,
+            max_per_user=settings.session.max_per_user,
+            describe_user=lambda sub: user_for_log(sub, settings.log.user, self.log_user_key),
+        )
         self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient.from_settings(
             settings.upstream_pool
         )
+        if self.tracing is not None:
+            self.upstream = self.tracing.upstream(self.upstream)
         self.metrics_port: int | None = None  # bound port of metrics.port's listener
         self.started = False  # discovery and JWKS fetched (ensure_started)
         self._start_lock = asyncio.Lock()
         self._start_failure: tuple[float, GatewayError | None] = (0.0, None)
         self._closers: list[Closer] = []
+
+    def reconfigure(self, settings: Settings) -> None:
+        """Take a reloaded configuration (reload.py: its restart-only parts are the running
+        ones): the new route table, and metric series for its routes and audiences."""
+        self.settings = settings
+        self.routes = RouteTable(settings.routes)
+        self.metrics.bind_routes(
+            [r.name for r in settings.routes], {r.audience for r in settings.routes if r.audience}
+        )
 
     def close_on_shutdown(self, name: str, close: Callable[[], Awaitable[object]]) -> None:
         """Register an endpoint's own resource (the WebSocket client) for :meth:`shutdown`."""
@@ -171,6 +199,8 @@ class Services:
             ("IdP client", self.idp_http.aclose),
             ("session store", self.store.close),
         ]
+        if self.tracing is not None:
+            steps.append(("trace exporter", self.tracing.shutdown))
         for name, close in steps:
             try:
                 await close()

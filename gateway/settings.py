@@ -239,6 +239,12 @@ class SessionSettings(_Section):
         "~3 KB): past this, /auth/login answers 503 too_many_pending_logins. With Redis the "
         "bound holds across every instance.",
     )
+    max_per_user: int = Field(
+        0,
+        ge=0,
+        description="Sessions one user (`sub`) may hold at once: the login that would pass it "
+        "ends the user's oldest sessions (refresh tokens revoked). 0 = no limit.",
+    )
     # NoDecode: the env var is a comma-separated list, not JSON.
     secret_key: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
@@ -363,6 +369,51 @@ class MetricsSettings(_Section):
         description="Serve /metrics on this port of its own instead of the main app's.",
     )
     host: str = Field("127.0.0.1", description="Address of the separate metrics listener.")
+
+
+class AdminSettings(_Section):
+    """The operator's session API (gateway/admin.py): off unless ``port`` is set."""
+
+    port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Serve /admin/sessions on this port of its own (off when unset; 0 picks one).",
+    )
+    host: str = Field("127.0.0.1", description="Address of the admin listener (loopback).")
+    token: SecretStr | None = Field(
+        None,
+        description="GATEWAY_ADMIN__TOKEN (32+ characters): callers send "
+        "`Authorization: Bearer <token>`.",
+    )
+
+    @field_validator("token")
+    @classmethod
+    def _token_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters")
+        return value
+
+
+class TracingSettings(_Section):
+    """OpenTelemetry traces over OTLP/HTTP (gateway/tracing.py); the standard ``OTEL_*``
+    environment variables (endpoint, headers, service name, sampler, resource attributes)
+    configure the exporter."""
+
+    enabled: bool | None = Field(
+        None,
+        description="true: on; false: off; unset: on when OTEL_EXPORTER_OTLP_ENDPOINT or "
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set.",
+    )
+
+    @property
+    def is_enabled(self) -> bool:
+        if self.enabled is not None:
+            return self.enabled
+        return bool(
+            os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+            or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        )
 
 
 class LimitSettings(_Section):
@@ -571,6 +622,8 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     upstream_pool: UpstreamPoolSettings = Field(default_factory=UpstreamPoolSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     routes: list[RouteSettings] = Field(default_factory=list, description="The route table.")
     static: StaticSettings | None = Field(
         None, description="Serve a static front end from the gateway (off by default)."
@@ -639,6 +692,10 @@ class Settings(BaseSettings):
                 pem.get_secret_value() if pem is not None else None,
                 self.oidc.private_key_file,
                 alg=self.oidc.private_key_alg,
+            )
+        if self.admin.port is not None and self.admin.token is None:
+            raise ValueError(
+                "admin.token: required when admin.port is set (set GATEWAY_ADMIN__TOKEN)"
             )
         forward = self.forward_auth
         if forward.enabled and forward.secret is None and not forward.allowed_sources:

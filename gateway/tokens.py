@@ -13,6 +13,7 @@ The order of operations is the product (DESIGN.md §2):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -39,6 +40,7 @@ from .retry_after import cap_retry_after
 from .routing import Route
 from .sessions.base import CachedToken, Session, SessionStore
 from .settings import TokenSettings
+from .tracing import Tracing
 
 logger = logging.getLogger("gateway.tokens")
 
@@ -122,6 +124,7 @@ class TokenBroker:
         login_url: str = "/auth/login",
         on_session_ended: Callable[[str], Awaitable[object]] | None = None,
         dpop: DPoP | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._oidc = oidc
         self._dpop = dpop
@@ -149,6 +152,7 @@ class TokenBroker:
         self._rate_limited: TLRUCache[BackOffKey, tuple[float, str]] = TLRUCache(
             maxsize=10_000, ttu=lambda _k, value, _now: value[0], timer=clock
         )
+        self._tracing = tracing  # a span per exchange (tracing.py); None: tracing off
         self.exchanges = 0  # refresh-token grants sent (observability, tests)
 
     def cached_token(self, session_id: str, route: Route) -> str | None:
@@ -212,20 +216,25 @@ class TokenBroker:
                 if current is None:
                     raise LoginRequired("the session has ended", login_url=self._login_url)
                 dpop_key = self._dpop_key(current)
-                answer = await self._exchange(current, audience, scopes, dpop_key)
-                try:
-                    token = checked_token(
-                        answer,
-                        audience=audience,
-                        scopes=scopes,
-                        now=now,
-                        allow_opaque=self._allow_opaque,
-                        dpop_jkt=dpop_key.jkt if dpop_key is not None else None,
-                        dpop_required=self._dpop is not None and self._dpop.required,
-                    )
-                except GatewayError as exc:
-                    self._metrics.exchange_failed(audience, exc)
-                    raise
+                with (
+                    self._tracing.token_exchange(audience, session.id, "refresh_token")
+                    if self._tracing is not None
+                    else contextlib.nullcontext()
+                ):
+                    answer = await self._exchange(current, audience, scopes, dpop_key)
+                    try:
+                        token = checked_token(
+                            answer,
+                            audience=audience,
+                            scopes=scopes,
+                            now=now,
+                            allow_opaque=self._allow_opaque,
+                            dpop_jkt=dpop_key.jkt if dpop_key is not None else None,
+                            dpop_required=self._dpop is not None and self._dpop.required,
+                        )
+                    except GatewayError as exc:
+                        self._metrics.exchange_failed(audience, exc)
+                        raise
             except SessionEnded as exc:  # a logout won the race with this exchange
                 raise LoginRequired("the session has ended", login_url=self._login_url) from exc
             except (AudienceNotPermitted, InsufficientScope, LoginRequired) as exc:

@@ -43,6 +43,7 @@ def _copy(session: Session) -> Session:
         last_seen=session.last_seen,
         rt_version=session.rt_version,
         dpop_jwk=session.dpop_jwk,  # never changed in place: shared
+        user_agent=session.user_agent,
     )
 
 

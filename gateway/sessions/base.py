@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import AbstractAsyncContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 from ..dpop import DPoPBound
@@ -68,6 +68,9 @@ class Session:
     # The session's DPoP private key as a JWK (tokens.dpop): only ever in this record, which
     # the Redis store encrypts; None for a session without one (DPoP off, or an older record).
     dpop_jwk: dict[str, str] | None = None
+    # The browser's family at login ("Firefox", "curl"...), for the session admin's list: a
+    # short fixed name (user_agent.py), never the raw header.
+    user_agent: str | None = None
 
     def __repr__(self) -> str:
         return f"Session(id={self.id[:8]}…, sub={self.sub!r}, rt_version={self.rt_version})"
@@ -101,12 +104,21 @@ class Session:
         }
         if self.dpop_jwk is not None:  # absent otherwise: the record stays as it was
             data["dpop_jwk"] = self.dpop_jwk
+        # Only when known: a session without it stays byte for byte what earlier versions
+        # wrote. (Those versions refuse a key they do not know: a session made with it is no
+        # session to them; see CHANGELOG, rolling upgrades.)
+        if self.user_agent is not None:
+            data["user_agent"] = self.user_agent
         return json.dumps(data, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Session:
         data = json.loads(raw)
-        return cls(**data)
+        # Keys of a later version are left out rather than refused (forward compatible).
+        return cls(**{k: v for k, v in data.items() if k in _SESSION_FIELDS})
+
+
+_SESSION_FIELDS = frozenset(f.name for f in fields(Session))
 
 
 @dataclass(slots=True, frozen=True)

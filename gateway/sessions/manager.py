@@ -118,6 +118,7 @@ class SessionManager:
         id_token: str | None,
         claims: dict[str, Any],
         dpop_jwk: dict[str, str] | None = None,
+        user_agent: str | None = None,
     ) -> tuple[Session, str]:
         """A brand-new session (new id: no fixation) and the Set-Cookie value for it."""
         token = new_secret_token()
@@ -133,6 +134,7 @@ class SessionManager:
             absolute_expiry=now + self._settings.session.absolute_timeout,
             last_seen=now,
             dpop_jwk=dpop_jwk,
+            user_agent=user_agent,
         )
         await self.store.save(session)
         value = f"{token}.{self._cipher.sign(token.encode())}"

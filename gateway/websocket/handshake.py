@@ -37,7 +37,7 @@ from yarl import URL
 
 from ..authorize import Authorizer
 from ..challenge import bearer_challenge
-from ..connections import ConnectionRegistry
+from ..connections import GOING_AWAY, ConnectionRegistry
 from ..dpop import DPoPBound, server_of
 from ..errors import (
     GatewayError,
@@ -113,6 +113,7 @@ class WebSocketEndpoint:
         self._clock = clock or LoopClock()
         self._on_retry = on_retry or _no_count  # counts an upgrade retried with a new token
         self._session: aiohttp.ClientSession | None = None
+        self._relayed: dict[WebSocketConnection, str] = {}  # relayed now -> its route's name
         self.opened = 0  # counters (observability, tests)
         self.refused = 0
 
@@ -151,7 +152,26 @@ class WebSocketEndpoint:
             skew=self._token_skew,
             clock=self._clock,
         )
-        await connection.run()
+        self._relayed[connection] = route_name
+        try:
+            await connection.run()
+        finally:
+            self._relayed.pop(connection, None)
+
+    def reconfigure(
+        self, *, routes: RouteTable, authorizer: Authorizer, max_header_bytes: int
+    ) -> int:
+        """Take a reloaded route table (reload.py): new upgrades use it; a relayed WebSocket
+        whose route is gone, or no longer takes WebSockets, closes with 1001 Going Away (the
+        others stay open on the route they were opened with). Returns how many closed."""
+        self._routes = routes
+        self._authorizer = authorizer
+        self._max_header_bytes = max_header_bytes
+        kept = {r.name for r in routes if r.settings.websocket}
+        closing = [c for c, name in self._relayed.items() if name not in kept]
+        for connection in closing:
+            connection.end(GOING_AWAY, "route removed")
+        return len(closing)
 
     async def _check(self, scope: Scope, raw_path: str) -> Upgrade:
         if sum(len(k) + len(v) for k, v in scope["headers"]) > self._max_header_bytes:

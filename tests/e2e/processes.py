@@ -78,6 +78,13 @@ class GatewayProcess:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def send_signal(self, sig: int) -> None:
+        """Signal the gateway process (SIGHUP: reload its configuration file)."""
+        self._proc.send_signal(sig)
+
+    def is_running(self) -> bool:
+        return self._proc.poll() is None
+
     def stop(self) -> None:
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)

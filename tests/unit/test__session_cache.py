@@ -156,8 +156,9 @@ def test_session_cache_copy_keeps_every_field() -> None:
         "last_seen",
         "rt_version",
         "dpop_jwk",
+        "user_agent",
     }
-    original = make_session(rt_version=4, last_seen=12.5)
+    original = make_session(rt_version=4, last_seen=12.5, user_agent="Firefox")
     decode = Decoder({BLOB: original})
     cache = SessionCache(8)
     for _ in range(2):  # decoded, then cached

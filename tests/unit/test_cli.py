@@ -74,3 +74,18 @@ def test_run_freezes_startup_objects_and_keeps_freed_memory(
     config.write_text(GOOD + 'session: {secret_key: "' + "k" * 48 + '"}\n')
     assert main(["run", "--config", str(config), "--port", "8123"]) == 0
     assert calls == ["collect", "freeze", "keep", "run:8123"]
+
+
+def test_sessions_needs_the_shared_store_and_a_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GATEWAY_OIDC__CLIENT_SECRET", "s")
+    memory = tmp_path / "memory.yaml"
+    memory.write_text(GOOD)
+    assert main(["sessions", "list", "--sub", "x", "--config", str(memory)]) == 1
+    assert "admin API" in capsys.readouterr().err
+    redis = tmp_path / "redis.yaml"
+    redis.write_text(GOOD + 'session: {store: redis, secret_key: "' + "k" * 48 + '"}\n')
+    assert main(["sessions", "list", "--config", str(redis)]) == 2
+    assert main(["sessions", "revoke", "--config", str(redis)]) == 2
+    assert "--sub" in capsys.readouterr().err

@@ -220,3 +220,16 @@ async def test_callback_keeps_the_login_token_for_the_login_audience(
         api, billing = services.routes.by_name("api"), services.routes.by_name("billing")
         assert services.broker.cached_token(session_id, api) == login_token
         assert services.broker.cached_token(session_id, billing) is None
+
+
+def test_wire_format_carries_the_user_agent_family_only_when_known() -> None:
+    session = _session(user_agent="Firefox")
+    blob = session.to_json()
+    assert blob.endswith(b'"rt_version":3,"user_agent":"Firefox"}')
+    assert Session.from_json(blob) == session
+    assert b"user_agent" not in _session().to_json()
+
+
+def test_wire_format_ignores_keys_of_a_later_version() -> None:
+    later = OLD_BLOB[:-1] + b',"a_later_field":[1,2]}'
+    assert Session.from_json(later) == Session.from_json(OLD_BLOB)
