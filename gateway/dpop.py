@@ -31,6 +31,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable, Mapping
+from json.encoder import encode_basestring_ascii as _json_string
 from typing import Any, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -118,20 +119,40 @@ class DPoPKey:
         nonce: str | None = None,
         now: float | None = None,
     ) -> str:
-        """A fresh proof for one request (its own jti, iat and signature)."""
-        claims: dict[str, object] = {
-            "jti": secrets.token_urlsafe(16),
-            "htm": htm,
-            "htu": htu,
-            "iat": int(time.time() if now is None else now),
-        }
+        """A fresh proof for one request (its own jti, iat and signature).
+
+        The claims are written as JSON by hand: ``htm`` is a method token, ``jti`` base64url,
+        a nonce NQCHAR (no quote, no backslash: ``_valid_nonce``), so only ``htu`` needs JSON
+        escaping. ``ath`` is remembered per token (a token serves many requests)."""
+        iat = int(time.time() if now is None else now)
+        claims = (
+            f'{{"jti":"{secrets.token_urlsafe(16)}","htm":"{htm}",'
+            f'"htu":{_json_string(htu)},"iat":{iat}'
+        )
         if access_token is not None:
-            claims["ath"] = b64url(hashlib.sha256(access_token.encode("ascii")).digest())
+            claims += f',"ath":"{_ath(access_token)}"'
         if nonce is not None:
-            claims["nonce"] = nonce
-        signing_input = self._header + b64url(json.dumps(claims, separators=(",", ":")).encode())
+            claims += f',"nonce":"{nonce}"'
+        signing_input = self._header + b64url((claims + "}").encode())
         r, s = decode_dss_signature(self._key.sign(signing_input.encode("ascii"), _ECDSA))
         return signing_input + "." + b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+
+_ATH_MEMO_MAX = 4096
+_ath_memo: dict[str, str] = {}
+
+
+def _ath(access_token: str) -> str:
+    """The token's hash for a proof's ``ath`` (RFC 9449 §4.2), remembered for the last few
+    thousand tokens (oldest out first): hashing an 800-character token on every request cost
+    more than the lookup. The dict is keyed by the token (its hash is cached on the string)."""
+    ath = _ath_memo.get(access_token)
+    if ath is None:
+        ath = b64url(hashlib.sha256(access_token.encode("ascii")).digest())
+        if len(_ath_memo) >= _ATH_MEMO_MAX:
+            del _ath_memo[next(iter(_ath_memo))]
+        _ath_memo[access_token] = ath
+    return ath
 
 
 def bound_token(

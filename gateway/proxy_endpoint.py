@@ -205,7 +205,7 @@ class ProxyEndpoint:
                     timeout=route.timeout,
                     route=route.name,
                 )
-                if proof is not None:
+                if proof is not None and nonce_in(upstream.headers) is not None:
                     await self._remember_nonce(upstream, route)
                 if upstream.status == 401 and bearer is not None:
                     upstream = await self._after_refusal(
