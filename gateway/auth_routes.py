@@ -415,14 +415,12 @@ class AuthEndpoints:
 
     def _route_status(self, route: Route, session: Session | None) -> dict[str, Any]:
         """One route as /auth/me shows it: what this session (or a request without one) may
-        do there."""
-        entry: dict[str, Any] = {
-            "name": route.name,
-            "prefix": route.prefix,
-            "auth": route.mode,
-            "audience": route.settings.audience,
-            "scopes": route.settings.scopes,
-        }
+        do there. Without a session, no audience or scopes: anyone may ask, and the APIs'
+        identifiers are the logged-in app's business."""
+        entry: dict[str, Any] = {"name": route.name, "prefix": route.prefix, "auth": route.mode}
+        if session is not None:
+            entry["audience"] = route.settings.audience
+            entry["scopes"] = route.settings.scopes
         if session is None or route.mode != "user":
             entry["status"] = "login_required" if route.mode == "user" else "allowed"
             return entry

@@ -215,6 +215,8 @@ async def test_me_without_a_session_is_401_with_each_routes_status(
     body = me.json()
     assert body["error"] == "login_required"
     assert body["login_url"] == ORIGIN + "/auth/login"
+    # What anyone may read: names, prefixes, modes and statuses; no audience, no scopes.
+    assert all(set(r) == {"name", "prefix", "auth", "status"} for r in body["routes"])
     assert _statuses(body) == {
         "api": "login_required",
         "org": "login_required",
