@@ -164,13 +164,19 @@ class SessionStore(Protocol):
         """Ids of live sessions with this OIDC ``sub`` and/or IdP session ``sid``."""
 
     def refresh_lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
-        """Held around a refresh-token exchange: one exchange per session at a time."""
+        """Held around a refresh-token exchange: one exchange per session at a time.
+
+        While it is held, ``load`` and ``get_token`` of that id read the store itself, never a
+        cache that an invalidation may not have reached yet (the previous holder, maybe on
+        another instance, may have just rotated the refresh token)."""
 
     async def get_token(self, session_id: str, key: str) -> CachedToken | None:
         """A shared cached access token, or None."""
 
     async def put_token(self, session_id: str, key: str, token: CachedToken) -> None:
-        """Share an access token until it expires."""
+        """Share an access token until it expires (or its session ends: a token of a session
+        that is gone is not stored). An id with a colon (``client:<digest>``) names no
+        session: its tokens are stored for their own lifetime, with no session record."""
 
     async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
         """Remember a pending login (PKCE verifier, nonce, return_to) under its state.

@@ -136,7 +136,9 @@ class MemorySessionStore:
         return token
 
     async def put_token(self, session_id: str, key: str, token: CachedToken) -> None:
-        if session_id in self._sessions:
+        # A pseudo id (``client:<digest>``) names no session: its tokens live until they
+        # expire (``get_token`` hides expired ones; a new token replaces the old one).
+        if session_id in self._sessions or ":" in session_id:
             self._tokens.setdefault(session_id, {})[key] = token
 
     async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:

@@ -445,3 +445,25 @@ async def test_store_put_login_with_a_cap_of_zero_refuses_cleanly() -> None:
             with pytest.raises(TooManyPendingLogins) as refused:
                 await store.put_login("state", {"i": "0"}, ttl=600)
             assert refused.value.retry_after == 60
+
+
+async def test_store_put_token_under_a_pseudo_id_needs_no_session(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    # Client-credentials tokens of the whole gateway are kept under ``client:<digest>``.
+    store, clock = store_and_clock
+    token = CachedToken("at-client", clock.now + 100, "https://api")
+    await store.put_token("client:0123abcd", "k", token)
+    assert await store.get_token("client:0123abcd", "k") == token
+    async with store.refresh_lock("client:0123abcd"):
+        assert await store.get_token("client:0123abcd", "k") == token
+    clock.now += 101
+    assert await store.get_token("client:0123abcd", "k") is None
+
+
+async def test_store_put_token_of_an_ended_session_is_not_kept(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    store, clock = store_and_clock
+    await store.put_token("0" * 64, "k", CachedToken("at", clock.now + 100, "https://api"))
+    assert await store.get_token("0" * 64, "k") is None
