@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import time
 from collections.abc import AsyncIterator
@@ -163,8 +164,18 @@ def _scope(path: str, cookie: str) -> dict[str, Any]:
     }
 
 
-async def _prepare(upstream_url: str | None) -> tuple[Any, str]:
+async def _prepare(upstream_url: str | None, redis_url: str | None = None) -> tuple[Any, str]:
     settings = dict(_SETTINGS)
+    if redis_url:
+        # The Redis store with its tracked cache: a hit makes no round trip (the prefix is
+        # this run's own; its keys expire with the session's idle timeout).
+        settings["session"] = {
+            "store": "redis",
+            "redis_url": redis_url,
+            "redis_key_prefix": f"gw-inprocess-{os.getpid()}-{time.time_ns()}:",
+            "secret_key": ["inprocess-benchmark-secret-key-0123456789"],
+            "idle_timeout": 600,
+        }
     if upstream_url:
         settings["routes"] = [dict(r, upstream=upstream_url) for r in _SETTINGS["routes"]]
     fake = None if upstream_url else InstantUpstream()
@@ -177,6 +188,13 @@ async def _prepare(upstream_url: str | None) -> tuple[Any, str]:
     cookie = set_cookie.split(";", 1)[0]
     token = CachedToken(access_token="at", expires_at=time.time() + 3600, audience=API)
     gw.broker._cache.put((session.id, API, ""), token)
+    tracker = getattr(gw.store, "tracker", None)
+    if tracker is not None:  # wait until the tracked cache serves hits
+        await gw.store.load(session.id)
+        deadline = time.monotonic() + 10
+        while not gw.store._cache.is_live and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # our own save's invalidation comes back
     return app, cookie
 
 
@@ -200,7 +218,7 @@ async def _run(app: Any, scope: dict[str, Any], count: int) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    app, cookie = await _prepare(args.upstream)
+    app, cookie = await _prepare(args.upstream, args.redis)
     bare: Any = BareInProcess()
     if args.upstream:
         from .bare_proxy import BareProxy  # the benchmark's bare proxy app itself
@@ -239,6 +257,7 @@ def main() -> None:
         help="a real upstream (e.g. nginx serving /small.json): the gateway's aiohttp client "
         "and benchmarks/bare_proxy.py's app instead of the instant fake",
     )
+    parser.add_argument("--redis", help="a Redis URL: the gateway on the Redis store")
     args = parser.parse_args()
     try:
         import uvloop

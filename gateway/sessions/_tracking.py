@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from redis.asyncio import Connection
 from redis.exceptions import RedisError
@@ -139,30 +141,43 @@ class InvalidationTracker:
             await conn.send_command("SUBSCRIBE", _CHANNEL)
             await conn.read_response()
         pings: deque[float] = deque()
-        next_ping = 0.0
+        # Two tasks on one connection: this one only reads (no read timeout: a timed read
+        # can turn a cancellation into a timeout and swallow it), the other one pings and
+        # decides when silence means the connection is lost.
+        pinger = asyncio.create_task(self._ping(conn, pings))
+        reading: asyncio.Future[Any] | None = None
+        try:
+            while True:
+                reading = asyncio.ensure_future(conn.read_response(timeout=math.inf))
+                done, _ = await asyncio.wait({reading, pinger}, return_when=asyncio.FIRST_COMPLETED)
+                if pinger in done:
+                    reading.cancel()
+                    pinger.result()  # raises TrackingLost
+                message = reading.result()
+                if not isinstance(message, list) or not message:
+                    raise TrackingLost("unexpected reply on the invalidation connection")
+                kind = message[0]
+                if kind in (b"pong", "pong"):
+                    if not pings:
+                        raise TrackingLost("PONG without a PING")
+                    self._confirm(index, pings.popleft())
+                elif kind in (b"message", "message") and len(message) == 3:
+                    self._invalidate(message[2])
+        finally:
+            pinger.cancel()
+            pending = [pinger] if reading is None else [pinger, reading]
+            if reading is not None:
+                reading.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _ping(self, conn: Connection, pings: deque[float]) -> None:
         while True:
             now = time.monotonic()
-            if now >= next_ping:
-                await conn.send_command("PING")
-                pings.append(now)
-                next_ping = now + self._interval
-            wake = next_ping
-            if pings:
-                if now - pings[0] > self._timeout:
-                    raise TrackingLost("no PONG within the Redis timeout")
-                wake = min(wake, pings[0] + self._timeout)
-            message = await conn.read_response(timeout=max(wake - now, 0.001))
-            if message is None:
-                continue
-            if not isinstance(message, list) or not message:
-                raise TrackingLost("unexpected reply on the invalidation connection")
-            kind = message[0]
-            if kind in (b"pong", "pong"):
-                if not pings:
-                    raise TrackingLost("PONG without a PING")
-                self._confirm(index, pings.popleft())
-            elif kind in (b"message", "message") and len(message) == 3:
-                self._invalidate(message[2])
+            if pings and now - pings[0] > self._timeout:
+                raise TrackingLost("no PONG within the Redis timeout")
+            await conn.send_command("PING")
+            pings.append(now)
+            await asyncio.sleep(self._interval)
 
     def _confirm(self, index: int, sent_at: float) -> None:
         self._confirmed[index] = sent_at

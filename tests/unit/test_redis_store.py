@@ -840,7 +840,11 @@ async def test_redis_store_refresh_lock_reads_past_a_late_invalidation() -> None
         await cache_live(a)
         session = make_session()
         await a.save(session)
-        assert await a.load(session.id) is not None
+
+        async def cached() -> bool:  # once our own write's invalidation came back
+            return await a.load(session.id) is not None and len(a._cache) > 0
+
+        await until(cached)
         assert a.tracker is not None
         a.tracker._invalidate = lambda keys: None  # type: ignore[method-assign]
         await b.save(replace(session, refresh_token="v2.rotated", rt_version=1))

@@ -1,0 +1,198 @@
+"""Redis topologies on loopback for the failover tests: Debian's redis-server, and Sentinel
+(``redis-sentinel`` when installed, else the same binary with ``--sentinel``: Debian's
+redis-sentinel package is that binary under another name). Every process runs in a temporary
+directory, on ephemeral ports, without persistence, and is killed on exit."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from .servers import free_port
+
+MASTER = "gwtest"
+_START_WAIT = 20.0
+
+
+def _cli(port: int, *args: str) -> str:
+    result = subprocess.run(
+        ["redis-cli", "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    return result.stdout.strip()
+
+
+def wait_for(predicate: Callable[[], bool], what: str, within: float = _START_WAIT) -> None:
+    deadline = time.monotonic() + within
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+class RedisNode:
+    """One redis-server (or sentinel) process."""
+
+    def __init__(
+        self, started: list[RedisNode], workdir: Path, *args: str, sentinel: bool = False
+    ) -> None:
+        self.port = free_port()
+        self.dir = workdir / str(self.port)
+        self.dir.mkdir()
+        self.sentinel = sentinel
+        base = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        if sentinel:
+            conf = self.dir / "sentinel.conf"
+            conf.write_text("\n".join(args) + "\n")
+            binary = shutil.which("redis-sentinel")
+            command = [binary, str(conf)] if binary else ["redis-server", str(conf), "--sentinel"]
+            command += base
+        else:
+            command = ["redis-server", *base, "--save", "", "--appendonly", "no", *args]
+        self._proc = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        started.append(self)  # stopped on exit even if the topology never comes up
+        wait_for(lambda: self.cli("PING") == "PONG", f"redis on {self.port}")
+
+    def cli(self, *args: str) -> str:
+        return _cli(self.port, *args)
+
+    @property
+    def alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def kill(self) -> None:
+        if self.alive:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.alive:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class SentinelTopology:
+    """One master, one replica, three sentinels (quorum 2) watching ``MASTER``."""
+
+    def __init__(self, started: list[RedisNode], workdir: Path) -> None:
+        self.master = RedisNode(started, workdir)
+        self.replica = RedisNode(
+            started, workdir, "--replicaof", "127.0.0.1", str(self.master.port)
+        )
+        monitor = [
+            f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2",
+            f"sentinel down-after-milliseconds {MASTER} 1000",
+            f"sentinel failover-timeout {MASTER} 5000",
+            f"sentinel parallel-syncs {MASTER} 1",
+        ]
+        self.sentinels = [RedisNode(started, workdir, *monitor, sentinel=True) for _ in range(3)]
+        wait_for(
+            lambda: "master_link_status:up" in self.replica.cli("INFO", "replication"),
+            "the replica to sync",
+        )
+        wait_for(self._sentinels_know_each_other, "the sentinels to find each other")
+
+    def _sentinels_know_each_other(self) -> bool:
+        for node in self.sentinels:
+            info = node.cli("SENTINEL", "MASTER", MASTER)
+            lines = info.splitlines()
+            fields = dict(zip(lines[::2], lines[1::2], strict=False))
+            if fields.get("num-other-sentinels") != "2" or fields.get("num-slaves") != "1":
+                return False
+        return True
+
+    @property
+    def addresses(self) -> list[str]:
+        return [f"127.0.0.1:{s.port}" for s in self.sentinels]
+
+    def master_port(self) -> int:
+        reply = self.sentinels[0].cli("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER).split()
+        return int(reply[1])
+
+
+class ClusterTopology:
+    """Three masters with one replica each (``redis-cli --cluster create``)."""
+
+    def __init__(self, started: list[RedisNode], workdir: Path) -> None:
+        args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "1000")
+        self.servers = [RedisNode(started, workdir, *args) for _ in range(6)]
+        subprocess.run(
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{n.port}" for n in self.servers],
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        wait_for(self._ok, "the cluster to be ok")
+
+    def _ok(self) -> bool:
+        return all("cluster_state:ok" in n.cli("CLUSTER", "INFO") for n in self.servers if n.alive)
+
+    def wait_ok(self, within: float = 30.0) -> None:
+        wait_for(self._ok, "the cluster to be ok again", within=within)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.servers[0].port}"
+
+    @property
+    def seeds(self) -> list[str]:
+        return [f"127.0.0.1:{n.port}" for n in self.servers[1:]]
+
+    def master_of(self, key: str) -> RedisNode:
+        """The node that serves ``key``'s slot now."""
+        slot = int(self.servers[0].cli("CLUSTER", "KEYSLOT", key))
+        for node in self.servers:
+            if not node.alive:
+                continue
+            for line in node.cli("CLUSTER", "NODES").splitlines():
+                parts = line.split()
+                if "myself" in parts[2] and "master" in parts[2]:
+                    for span in parts[8:]:
+                        low, _, high = span.partition("-")
+                        if low.isdigit() and int(low) <= slot <= int(high or low):
+                            return node
+        raise RuntimeError(f"no master serves slot {slot}")
+
+
+@contextlib.contextmanager
+def sentinel_topology() -> Iterator[SentinelTopology]:
+    started: list[RedisNode] = []
+    with tempfile.TemporaryDirectory(prefix="gw-sentinel-") as workdir:
+        try:
+            yield SentinelTopology(started, Path(workdir))
+        finally:
+            for node in started:
+                node.stop()
+
+
+@contextlib.contextmanager
+def cluster_topology() -> Iterator[ClusterTopology]:
+    started: list[RedisNode] = []
+    with tempfile.TemporaryDirectory(prefix="gw-cluster-") as workdir:
+        try:
+            yield ClusterTopology(started, Path(workdir))
+        finally:
+            for node in started:
+                node.stop()
