@@ -192,7 +192,7 @@ async def _prepare(upstream_url: str | None, redis_url: str | None = None) -> tu
     if tracker is not None:  # wait until the tracked cache serves hits
         await gw.store.load(session.id)
         deadline = time.monotonic() + 10
-        while not gw.store._cache.is_live and time.monotonic() < deadline:
+        while not gw.store._cache.is_live and time.monotonic() < deadline:  # noqa: ASYNC110 (polls another object's state)
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)  # our own save's invalidation comes back
     return app, cookie
