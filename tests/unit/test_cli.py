@@ -94,7 +94,8 @@ def test_run_several_workers_with_redis_hands_uvicorn_the_factory(
 ) -> None:
     monkeypatch.setenv("GATEWAY_OIDC__CLIENT_SECRET", "s")
     monkeypatch.setenv("GATEWAY_SESSION__SECRET_KEY", "k" * 40)
-    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    # Recorded so that teardown restores it (main sets it for the workers).
+    monkeypatch.setenv("GATEWAY_CONFIG", "unset-by-teardown")
     calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append((a, k)))
     config = tmp_path / "g.yaml"
@@ -104,4 +105,3 @@ def test_run_several_workers_with_redis_hands_uvicorn_the_factory(
     assert args == ("gateway.cli:worker_app",)
     assert kwargs["workers"] == 3 and kwargs["factory"] is True
     assert os.environ["GATEWAY_CONFIG"] == str(config)  # each worker loads the same file
-    monkeypatch.delenv("GATEWAY_CONFIG")
