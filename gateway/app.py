@@ -46,6 +46,7 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         site=forwarded_site(services.public_scheme, services.public_host),
         login_url=services.login_url,
         own_headers=own_headers,
+        on_retry=services.metrics.token_retried,
     )
     websockets = WebSocketEndpoint(
         routes=services.routes,
@@ -57,9 +58,12 @@ def create_app(settings: Settings, *, upstream: UpstreamClient | None = None) ->
         public_host=services.public_host,
         login_url=services.login_url,
         token_skew=settings.tokens.skew,
+        on_retry=services.metrics.token_retried,
     )
     services.close_on_shutdown("websockets", websockets.close)
-    auth = AuthEndpoints(services, oidc=services.oidc, routes=services.routes)
+    auth = AuthEndpoints(
+        services, oidc=services.oidc, routes=services.routes, authorizer=authorizer
+    )
     health = HealthEndpoints(services)
     own = {
         own_paths.LOGIN: OwnRoute.of(auth.login, "GET"),

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from . import __version__
@@ -39,7 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--config", help="YAML file (default $GATEWAY_CONFIG, then config/gateway.yaml)"
     )
-    check.add_argument("--online", action="store_true", help="also fetch discovery and JWKS")
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also fetch discovery and JWKS, and one client token per client route",
+    )
     return parser
 
 
@@ -56,10 +61,13 @@ def format_route_table(settings: Settings) -> str:
     )
 
 
-async def _check_online(settings: Settings) -> None:
+async def _check_online(settings: Settings) -> bool:
+    """Discovery and JWKS, then one client token per (audience, scopes) of the client routes,
+    each reported on its own line; False when any of them failed."""
     import httpx
 
     from .oidc import OIDCClient
+    from .tokens import checked_token
 
     async with httpx.AsyncClient(timeout=settings.oidc.http_timeout) as http:
         oidc = OIDCClient(settings, http)
@@ -67,6 +75,34 @@ async def _check_online(settings: Settings) -> None:
         await oidc.refresh_jwks()
         print(f"issuer ok: {metadata['issuer']}")
         print(f"token endpoint: {metadata['token_endpoint']}")
+        ok = True
+        asked: set[tuple[str, tuple[str, ...]]] = set()
+        for route in settings.routes:
+            if route.auth not in ("client", "user_or_client") or route.audience is None:
+                continue
+            key = (route.audience, tuple(route.scopes))
+            if key in asked:
+                continue
+            asked.add(key)
+            try:
+                answer = await oidc.client_credentials(audience=route.audience, scopes=route.scopes)
+                token = checked_token(
+                    answer,
+                    audience=route.audience,
+                    scopes=route.scopes,
+                    now=time.time(),
+                    allow_opaque=settings.tokens.allow_opaque,
+                )
+            except GatewayError as exc:
+                ok = False
+                print(f"client token for route {route.name}: FAILED {exc.error}: {exc.message}")
+                continue
+            lifetime = int(token.expires_at - token.issued_at)
+            print(
+                f"client token for route {route.name}: ok (audience {route.audience}, "
+                f"scope {token.scope or '-'}, expires in {lifetime} s)"
+            )
+        return ok
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -81,10 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_route_table(settings))
         if args.online:
             try:
-                asyncio.run(_check_online(settings))
+                ok = asyncio.run(_check_online(settings))
             except GatewayError as exc:
                 print(f"gateway: {exc.error}: {exc.message}", file=sys.stderr)
                 return EXIT_FAILED
+            return EXIT_OK if ok else EXIT_FAILED
         return EXIT_OK
     if args.workers < 1:
         print("gateway: --workers must be at least 1", file=sys.stderr)

@@ -11,7 +11,10 @@ never contains a token, cookie or code.
     │   ├── LoginFailed              400 login_failed (bad state, IdP error at callback)
     │   └── InvalidLogoutToken       400 invalid_request (back-channel logout, §2.8)
     ├── LoginRequired                401 login_required (+ login_url, set where raised)
-    │   └── RefreshTokenRejected     invalid_grant: the session is ended first
+    │   ├── RefreshTokenRejected     invalid_grant: the session is ended first
+    │   └── StepUpRequired           401 step_up_required: log in again, more strongly (acr,
+    │                                max_age; a route's rule, the IdP's mfa_required or an
+    │                                upstream's RFC 9470 challenge); login_url asks for it
     ├── SessionEnded                 401 login_required: a store refused a write for an ended
     │                                session (the token broker turns it into LoginRequired)
     ├── Forbidden                    403 forbidden
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import logging
 from typing import ClassVar
+from urllib.parse import quote, urlencode
 
 from starlette.responses import JSONResponse, Response
 
@@ -99,6 +103,47 @@ class LoginRequired(GatewayError):
 
     def __init__(self, message: str = "", *, login_url: str, **extra: str) -> None:
         super().__init__(message, login_url=login_url, **extra)
+        self.base_login_url = login_url  # without what a subclass adds to it
+
+    def relocated(self, login_url: str) -> LoginRequired:
+        """The same refusal sending the user to ``login_url`` (an entry's own: forward-auth
+        comes back to the original URI)."""
+        return type(self)(self.message, login_url=login_url)
+
+
+def with_query(url: str, params: list[tuple[str, str]]) -> str:
+    """``url`` with ``params`` appended to its query (it may have one already)."""
+    if not params:
+        return url
+    return url + ("&" if "?" in url else "?") + urlencode(params, quote_via=quote)
+
+
+class StepUpRequired(LoginRequired):
+    """The session authenticated too weakly or too long ago for what it asks: ``login_url``
+    (the entry's own, plus ``acr_values`` / ``max_age``) runs a login that asks for more."""
+
+    error = "step_up_required"
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        login_url: str,
+        acr_values: tuple[str, ...] = (),
+        max_age: int | None = None,
+    ) -> None:
+        self.acr_values = acr_values
+        self.max_age = max_age
+        params = [("acr_values", " ".join(acr_values))] if acr_values else []
+        if max_age is not None:
+            params.append(("max_age", str(max_age)))
+        super().__init__(message, login_url=with_query(login_url, params))
+        self.base_login_url = login_url
+
+    def relocated(self, login_url: str) -> StepUpRequired:
+        return StepUpRequired(
+            self.message, login_url=login_url, acr_values=self.acr_values, max_age=self.max_age
+        )
 
 
 class RefreshTokenRejected(LoginRequired):

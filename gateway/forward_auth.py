@@ -4,11 +4,14 @@ nginx ``auth_request``, Traefik ``forwardAuth``, Envoy ``ext_authz`` (HTTP servi
 ingress-nginx send the original request's headers here; the gateway runs the same
 route -> session -> CSRF -> token policy as its own proxy and answers without a body:
 
-* ``200`` + ``Authorization: Bearer <token for the route's audience>`` (no header for
-  ``auth: none`` routes), optionally ``X-Auth-Request-User`` / ``X-Auth-Request-Email``;
-* ``401 login_required`` with a ``login_url`` back to the original URI, or ``403``, as the proxy
-  would; anything the gateway cannot place (no route, a malformed or ambiguous original URI) is a
-  ``403`` too, because data planes treat any other status as their own error.
+* ``200`` + ``Authorization: Bearer <token for the route's audience>`` (the user's, or the
+  gateway's client token on ``auth: client`` / ``user_or_client`` without a session; no header
+  for ``auth: none``, nor for ``user_or_none`` without a session), optionally
+  ``X-Auth-Request-User`` / ``X-Auth-Request-Email`` with a user's token;
+* ``401 login_required`` (or ``step_up_required``) with a ``login_url`` back to the original
+  URI, or ``403``, as the proxy would; anything the gateway cannot place (no route, a malformed
+  or ambiguous original URI) is a ``403`` too, because data planes treat any other status as
+  their own error.
 
 The route comes from ``?route=<name>`` on the endpoint's own URL (set by the data plane's config,
 never by the client), else from matching the original path against the route table. The original
@@ -235,14 +238,17 @@ class ForwardAuthEndpoint:
                 login_url=login_url,
             )
         except LoginRequired as exc:
-            if exc.extra["login_url"] == login_url:
+            if exc.base_login_url == login_url:
                 raise
-            # The broker's (the refresh token died): login, then back to the original URI.
-            raise type(exc)(exc.message, login_url=login_url) from exc
-        if session is None or bearer is None:  # a route without a token
+            # The broker's (the refresh token died, the IdP wants MFA): login, then back to
+            # the original URI.
+            raise exc.relocated(login_url) from exc
+        if bearer is None:  # a route, or a request, without a token
             return list(_OK_HEADERS)
-        context.sub = session.sub
         headers = [(b"authorization", b"Bearer " + bearer.encode("latin-1")), *_OK_HEADERS]
+        if session is None:  # the gateway's client token
+            return headers
+        context.sub = session.sub
         if self._user_headers:
             for name, claim in (
                 (b"x-auth-request-user", session.sub),

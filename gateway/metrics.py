@@ -45,7 +45,7 @@ _RouteSeries = tuple[FastHistogram, dict[int, FastCounter], FastHistogram | None
 
 GATEWAY_ROUTE = "gateway"  # the gateway's own endpoints (/auth/*, /healthz, /metrics...)
 UNMATCHED_ROUTE = "unmatched"  # no route matched the path (404) or the path was refused
-IDP_ENDPOINTS = ("token", "discovery", "jwks", "revoke")
+IDP_ENDPOINTS = ("token", "discovery", "jwks", "revoke", "userinfo")
 EXCHANGE_OUTCOMES = ("ok", "refused", "invalid_grant", "idp_unavailable")
 
 # Seconds. IdP and upstream calls on a LAN take milliseconds; the tail shows timeouts.
@@ -110,6 +110,19 @@ class GatewayMetrics:
             "Requests that waited for another request's exchange and used its token.",
             registry=r,
         )
+        self._client_exchanges = Counter(
+            "gateway_client_token_exchanges",
+            "Client-credentials exchanges (auth: client, user_or_client), by audience and outcome.",
+            ["audience", "outcome"],
+            registry=r,
+        )
+        self._token_retries = Counter(
+            "gateway_token_retries",
+            "Requests sent again with a new token after the upstream answered 401 "
+            'error="invalid_token", by route.',
+            ["route"],
+            registry=r,
+        )
         idp = Histogram(
             "gateway_idp_duration_seconds",
             "Calls to the identity provider, by endpoint.",
@@ -172,6 +185,13 @@ class GatewayMetrics:
 
     def exchange_failed(self, audience: str, exc: GatewayError) -> None:
         self._exchange(audience, exchange_outcome(exc))
+
+    def client_exchange(self, audience: str, outcome: str) -> None:
+        """One client-credentials exchange: ``ok`` or :func:`exchange_outcome`'s."""
+        self._client_exchanges.labels(audience, outcome).inc()
+
+    def token_retried(self, route: str) -> None:
+        self._token_retries.labels(route).inc()
 
     def _exchange(self, audience: str, outcome: str) -> None:
         child = self._exchange_children.get((audience, outcome))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -30,11 +31,12 @@ from .errors import (
     LoginFailed,
     LoginRequired,
     RefreshTokenRejected,
+    StepUpRequired,
 )
 from .jws import VERIFY_ERRORS, key_fits_algorithm
 from .retry_after import parse_retry_after
 from .security import tokens_equal
-from .settings import Settings
+from .settings import USER_MODES, Settings
 
 logger = logging.getLogger("gateway.oidc")
 
@@ -102,7 +104,7 @@ _REFRESH_ERRORS: dict[str, type[GatewayError]] = {
     "access_denied": AudienceNotPermitted,
     # DESIGN.md §1: an audience *or scope* the IdP refuses is "not in the MRRT policy".
     "invalid_scope": AudienceNotPermitted,
-    "mfa_required": LoginRequired,
+    "mfa_required": StepUpRequired,
     "interaction_required": LoginRequired,
     "login_required": LoginRequired,
     "consent_required": LoginRequired,
@@ -187,7 +189,7 @@ class OIDCClient:
         """Scopes asked for at login: the configured ones plus what the routes need."""
         scopes = list(self._oidc.scopes)
         for route in self._settings.routes:
-            if route.auth != "user":
+            if route.auth not in USER_MODES:
                 continue
             if self._oidc.dialect == "rfc8707" or route.audience == self._oidc.login_audience:
                 scopes.extend(s for s in route.scopes if s not in scopes)
@@ -198,11 +200,26 @@ class OIDCClient:
         can later mint a token for each (the server may only narrow, never widen)."""
         resources: list[str] = []
         for route in self._settings.routes:
-            if route.auth == "user" and route.audience and route.audience not in resources:
+            if route.auth in USER_MODES and route.audience and route.audience not in resources:
                 resources.append(route.audience)
         return resources
 
-    async def authorize_url(self, *, state: str, nonce: str, code_challenge: str) -> str:
+    async def authorize_url(
+        self,
+        *,
+        state: str,
+        nonce: str,
+        code_challenge: str,
+        acr_values: tuple[str, ...] = (),
+        max_age: int | None = None,
+        organization: str | None = None,
+        prompt: str | None = None,
+    ) -> str:
+        """The authorization request. ``acr_values`` / ``max_age``: a step-up (Auth0 reads
+        ``acr_values``; a standard OpenID Provider, the rfc8707 dialect, is asked with the
+        ``claims`` parameter for an essential acr, OIDC Core §5.5.1.1); ``organization``: Auth0
+        Organizations; ``prompt``: this login's (``none`` for a silent login), else the
+        configured one."""
         metadata = await self.metadata()
         params: list[tuple[str, str]] = [
             ("response_type", "code"),
@@ -219,8 +236,21 @@ class OIDCClient:
                 params.append(("audience", self._oidc.login_audience))
         else:
             params.extend(("resource", r) for r in self.login_resources())
-        if self._oidc.prompt:
-            params.append(("prompt", self._oidc.prompt))
+        prompt = prompt or self._oidc.prompt
+        if prompt:
+            params.append(("prompt", prompt))
+        if acr_values and self._oidc.dialect == "auth0":
+            params.append(("acr_values", " ".join(acr_values)))
+        elif acr_values:
+            # Essential, so the IdP must authenticate the user again if its session has none
+            # of them. (Not with acr_values as well: OIDC Core §5.5.1.1 lets acr_values replace
+            # the claims request's acr with a voluntary one, as oidc-provider does.)
+            essential = {"id_token": {"acr": {"essential": True, "values": list(acr_values)}}}
+            params.append(("claims", json.dumps(essential, separators=(",", ":"))))
+        if max_age is not None:
+            params.append(("max_age", str(max_age)))
+        if organization:
+            params.append(("organization", organization))
         params.extend(self._oidc.extra_authorize_params.items())
         return f"{metadata['authorization_endpoint']}?{urlencode(params)}"
 
@@ -307,6 +337,37 @@ class OIDCClient:
         if scopes:
             data["scope"] = " ".join(scopes)
         return await self._token_request(data)
+
+    async def client_credentials(self, *, audience: str, scopes: list[str]) -> TokenResponse:
+        """The gateway's own token for one audience (OAuth client credentials, RFC 6749 §4.4),
+        for routes with ``auth: client`` / ``user_or_client``."""
+        data = {"grant_type": "client_credentials"}
+        data["audience" if self._oidc.dialect == "auth0" else "resource"] = audience
+        if scopes:
+            data["scope"] = " ".join(scopes)
+        return await self._token_request(data)
+
+    async def userinfo(self, access_token: str) -> dict[str, Any]:
+        """The userinfo endpoint's claims for the login's access token (``oidc.userinfo``)."""
+        metadata = await self.metadata()
+        endpoint = metadata.get("userinfo_endpoint")
+        if not isinstance(endpoint, str):
+            raise LoginFailed("oidc.userinfo is on but the identity provider has no userinfo")
+        started = time.perf_counter()
+        try:
+            response = await self._http.get(
+                endpoint, headers={"Authorization": f"Bearer {access_token}"}
+            )
+        except httpx.HTTPError as exc:
+            raise IdentityProviderUnavailable("the userinfo endpoint is unreachable") from exc
+        finally:
+            self._observe("userinfo", time.perf_counter() - started)
+        if response.status_code != 200:
+            raise LoginFailed(f"the userinfo endpoint answered {response.status_code}")
+        payload = _json_object(response)
+        if payload is None:
+            raise LoginFailed("the userinfo answer is not a JSON object")
+        return payload
 
     async def revoke(self, token: str, *, hint: str = "refresh_token") -> bool:
         """Best-effort RFC 7009 revocation; True when the IdP confirmed it."""
@@ -411,6 +472,12 @@ class OIDCClient:
             error_class = _REFRESH_ERRORS.get(code)
             if error_class is not None:
                 message = f"the identity provider refused the token request ({code})"
+                if error_class is StepUpRequired:
+                    raise StepUpRequired(
+                        message,
+                        login_url=self._login_url,
+                        acr_values=(self._oidc.mfa_acr_value,),
+                    )
                 if issubclass(error_class, LoginRequired):
                     raise error_class(message, login_url=self._login_url)
                 raise error_class(message)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from urllib.parse import quote
+from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
 
 from .authorize import PUBLIC, Authorizer
+from .challenge import bearer_challenge
 from .connections import ConnectionRegistry
 from .errors import (
     GatewayError,
@@ -22,6 +23,8 @@ from .errors import (
     LoginRequired,
     NotFound,
     PayloadTooLarge,
+    StepUpRequired,
+    with_query,
 )
 from .headers import (
     RequestHeaderPlan,
@@ -35,6 +38,7 @@ from .own_paths import is_owned_path
 from .proxy import UpstreamClient, UpstreamResponse
 from .request_body import RequestBody
 from .routing import Route, RouteTable, normalize_path
+from .sessions.base import Session
 from .settings import LimitSettings
 
 logger = logging.getLogger("gateway.proxy")
@@ -53,6 +57,10 @@ def proxied_path(raw_path: str) -> str:
     if path != raw_path and is_owned_path(path):
         raise InvalidPath("the path resolves to one of the gateway's own paths")
     return path
+
+
+def _no_count(route: str) -> None:
+    return None
 
 
 def _is_event_stream(headers: tuple[tuple[bytes, bytes], ...]) -> bool:
@@ -79,6 +87,7 @@ class ProxyEndpoint:
         site: Site,
         login_url: str,
         own_headers: tuple[tuple[bytes, bytes], ...],
+        on_retry: Callable[[str], None] = _no_count,
     ) -> None:
         self._routes = routes
         self._authorizer = authorizer
@@ -92,6 +101,7 @@ class ProxyEndpoint:
         self._site = site
         self._login_url = login_url
         self._own_headers = own_headers  # on the redirect to login (see dispatch.py)
+        self._on_retry = on_retry  # counts a request sent again with a new token, per route
         # The request headers the hot path reads, collected in one pass. A route without a
         # token reads only the body's framing and the request id; a token route also what the
         # authorization policy reads and Accept (login redirect). One plan per kind of route
@@ -162,44 +172,48 @@ class ProxyEndpoint:
         method: str = scope["method"]
         body = self._request_body(size, found, method, route, receive)
         session, bearer = PUBLIC
-        if route.needs_token:
-            try:
+        try:
+            if route.needs_token:
                 session, bearer = await self._authorizer.authorize(
                     route, method, found, login_url=self._login_url
                 )
-            except LoginRequired:
-                if method == "GET" and "text/html" in (found.get(b"accept") or ""):
-                    await self._redirect_to_login(scope, send, path, context)
-                    return
+                context.sub = session.sub if session is not None else None
+            query = scope.get("query_string", b"").decode("latin-1")
+            url = route.upstream_url(path, query)
+            add_forwarding(
+                headers,
+                client_ip=(scope.get("client") or ("unknown", 0))[0],
+                site=self._site,
+                bearer=bearer,
+                request_id=context.request_id,
+            )
+            sent_at = time.perf_counter()
+            try:
+                upstream = await self._upstream.send(
+                    method,
+                    url,
+                    headers,
+                    await body.ready() if body is not None else None,
+                    timeout=route.timeout,
+                    route=route.name,
+                )
+                if upstream.status == 401 and bearer is not None:
+                    upstream = await self._after_refusal(
+                        upstream, route, session, bearer, method, url, headers, body
+                    )
+            except GatewayError:
+                if body is not None and body.failure is not None:  # 413 or 408, not upstream's
+                    raise body.failure from None
                 raise
-            context.sub = session.sub if session is not None else None
+            finally:
+                context.upstream_seconds = time.perf_counter() - sent_at  # to response headers
+        except LoginRequired as exc:
+            if method == "GET" and "text/html" in (found.get(b"accept") or ""):
+                await self._redirect_to_login(scope, send, path, context, exc)
+                return
+            raise
         # Streamed answers end with the session (connections.py).
         session_id = session.id if session is not None else None
-        query = scope.get("query_string", b"").decode("latin-1")
-        url = route.upstream_url(path, query)
-        add_forwarding(
-            headers,
-            client_ip=(scope.get("client") or ("unknown", 0))[0],
-            site=self._site,
-            bearer=bearer,
-            request_id=context.request_id,
-        )
-        sent_at = time.perf_counter()
-        try:
-            upstream = await self._upstream.send(
-                method,
-                url,
-                headers,
-                await body.ready() if body is not None else None,
-                timeout=route.timeout,
-                route=route.name,
-            )
-        except GatewayError:
-            if body is not None and body.failure is not None:  # 413 or 408, not the upstream's
-                raise body.failure from None
-            raise
-        finally:
-            context.upstream_seconds = time.perf_counter() - sent_at  # to response headers
         try:
             context.status = upstream.status
             await send(
@@ -232,6 +246,57 @@ class ProxyEndpoint:
         finally:
             upstream.close()
 
+    async def _after_refusal(
+        self,
+        upstream: UpstreamResponse,
+        route: Route,
+        session: Session | None,
+        bearer: str,
+        method: str,
+        url: str,
+        headers: list[tuple[str, str]],
+        body: RequestBody | None,
+    ) -> UpstreamResponse:
+        """An upstream's 401 to a request with a token: the answer to relay, or raise.
+
+        ``Bearer error="invalid_token"``: the token was revoked or died early: drop it, mint
+        another (single flight as always) and send the request once more, when its body can
+        be sent again (none, or read whole and small). ``insufficient_user_authentication``
+        (RFC 9470) on a user's token: ``401 step_up_required`` asking for what it named.
+        Any other 401 is the upstream's answer, relayed as it is.
+        """
+        challenge = bearer_challenge(
+            v.decode("latin-1") for k, v in upstream.headers if k.lower() == b"www-authenticate"
+        )
+        if challenge is None:
+            return upstream
+        if challenge.step_up and session is not None:
+            upstream.close()
+            raise StepUpRequired(
+                f"the upstream of route {route.name} asks for a stronger or more recent login",
+                login_url=self._login_url,
+                acr_values=challenge.acr_values,
+                max_age=challenge.max_age,
+            )
+        if not challenge.invalid_token or (body is not None and not body.replayable):
+            return upstream
+        upstream.close()
+        self._on_retry(route.name)
+        fresh = await self._authorizer.renewed_token(route, session, bearer)
+        authorization = "Bearer " + fresh
+        headers = [
+            (name, authorization) if name == "authorization" else (name, value)
+            for name, value in headers
+        ]
+        return await self._upstream.send(
+            method,
+            url,
+            headers,
+            body.__aiter__() if body is not None else None,
+            timeout=route.timeout,
+            route=route.name,
+        )
+
     async def _relay_rest(
         self, upstream: UpstreamResponse, chunk: bytes, send: Send, session_id: str | None
     ) -> None:
@@ -258,12 +323,13 @@ class ProxyEndpoint:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _redirect_to_login(
-        self, scope: Scope, send: Send, path: str, context: RequestContext
+        self, scope: Scope, send: Send, path: str, context: RequestContext, exc: LoginRequired
     ) -> None:
-        """A navigation without a session goes to login and comes back here afterwards."""
+        """A navigation without a (strong enough) session goes to the login the refusal names
+        and comes back here afterwards."""
         query = scope.get("query_string", b"").decode("latin-1")
         target = path + (f"?{query}" if query else "")
-        location = f"{self._login_url}?return_to={quote(target, safe='')}"
+        location = with_query(exc.extra["login_url"], [("return_to", target)])
         context.status = 302
         await send(
             {

@@ -18,6 +18,10 @@ from starlette.types import Message, Receive
 
 from .errors import ClientDisconnected, GatewayError, PayloadTooLarge, RequestBodyTimeout
 
+# A request sent again (a new token after the upstream's invalid_token) carries its body again:
+# only a body read whole, and no larger than this.
+RETRY_BODY_LIMIT = 64 * 1024
+
 
 class RequestBody:
     """The client's request body as an async iterator, counted against the route's limit.
@@ -44,6 +48,15 @@ class RequestBody:
         self.buffer_up_to = buffer_up_to
         self.failure: GatewayError | None = None
         self._buffered: list[bytes] | None = None
+
+    @property
+    def replayable(self) -> bool:
+        """Read whole, and small (at most ``RETRY_BODY_LIMIT``): it can be sent again."""
+        return (
+            self._buffered is not None
+            and self.declared is not None
+            and self.declared <= RETRY_BODY_LIMIT
+        )
 
     @property
     def too_large(self) -> bool:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from .errors import InvalidPath
-from .settings import RouteSettings
+from .session_rules import SessionRules
+from .settings import USER_MODES, RouteSettings
 
 # Percent-encoded unreserved characters (RFC 3986 §2.3) mean the same as the characters
 # themselves (§6.2.2.2), and upstreams decode them: `/ap%69/` must be matched as `/api/`.
@@ -99,7 +100,11 @@ class Route:
     upstream_path: str  # always ends with "/"
     name: str = field(init=False)
     prefix: str = field(init=False)
-    needs_token: bool = field(init=False)
+    mode: str = field(init=False)  # settings.auth: user, none, client, user_or_client, ...
+    needs_token: bool = field(init=False)  # any mode but none: the IdP is needed
+    needs_session: bool = field(init=False)  # a mode that uses the user's session if any
+    rules: SessionRules = field(init=False)  # claim rules and step-up (auth: user)
+    judged: bool = field(init=False)  # has rules: a plain field, read on every request
     audience: str = field(init=False)  # "" when the route names none
     scope_key: str = field(init=False)  # the scopes, space-separated (a token-cache key part)
     # Copied from the settings: a pydantic model's attributes cost several times a slot's.
@@ -117,7 +122,11 @@ class Route:
         set_field = object.__setattr__  # frozen: derived fields are set once, here
         set_field(self, "name", self.settings.name)
         set_field(self, "prefix", self.settings.prefix)
-        set_field(self, "needs_token", self.settings.auth == "user")
+        set_field(self, "mode", self.settings.auth)
+        set_field(self, "needs_token", self.settings.auth != "none")
+        set_field(self, "needs_session", self.settings.auth in USER_MODES)
+        set_field(self, "rules", SessionRules.of(self.settings))
+        set_field(self, "judged", not self.rules.empty)
         set_field(self, "audience", self.settings.audience or "")
         set_field(self, "scope_key", " ".join(self.settings.scopes))
         set_field(self, "csrf", self.settings.csrf)

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from . import own_paths
+from .client_tokens import ClientTokenBroker
 from .connections import ConnectionRegistry
 from .crypto import SessionCipher
 from .errors import GatewayError, IdentityProviderUnavailable
@@ -94,6 +95,9 @@ class Services:
             metrics=self.metrics,
             login_url=self.login_url,
             on_session_ended=self.end_session,
+        )
+        self.client_tokens = ClientTokenBroker(
+            oidc=self.oidc, store=self.store, settings=settings.tokens, metrics=self.metrics
         )
         self.upstream: UpstreamClient = upstream or AiohttpUpstreamClient.from_settings(
             settings.upstream_pool

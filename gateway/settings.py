@@ -111,6 +111,27 @@ class OIDCSettings(_Section):
     post_logout_redirect_url: str | None = Field(
         None, description="Where the IdP sends the user after logout (default public_url + /)."
     )
+    userinfo: bool = Field(
+        False,
+        description="At login, also read the userinfo endpoint; its claims join the ID token's "
+        "for `require:` rules (the ID token's win where both name a claim).",
+    )
+    organization: str | None = Field(
+        None,
+        description="Auth0 Organizations: the organization (id `org_...` or name) every login "
+        "asks for; the ID token's org_id (or org_name) must match.",
+    )
+    organizations: list[str] = Field(
+        default_factory=list,
+        description="Organizations a login may choose with /auth/login?organization=...; a "
+        "login that names none asks for `organization` if set, else for none, and then the ID "
+        "token must name one of these. An `org_...` value is an id, anything else a name.",
+    )
+    mfa_acr_value: str = Field(
+        "http://schemas.openid.net/pape/policies/2007/06/multi-factor",
+        description="The acr_values a login asks for when the IdP refuses a refresh with "
+        "`mfa_required` (Auth0's multi-factor policy by default).",
+    )
     http_timeout: Duration = Field(10.0, description="Timeout of every call to the IdP.")
     clock_leeway: Duration = Field(30.0, description="Leeway for ID-token iat/exp checks.")
 
@@ -127,6 +148,42 @@ class OIDCSettings(_Section):
         if "offline_access" not in value:
             raise ValueError("must contain offline_access (the gateway needs a refresh token)")
         return value
+
+    @field_validator("organizations")
+    @classmethod
+    def _organizations_are_names(cls, value: list[str]) -> list[str]:
+        for org in value:
+            check_organization(org)
+        return value
+
+    @field_validator("organization")
+    @classmethod
+    def _organization_is_name(cls, value: str | None) -> str | None:
+        return None if value is None else check_organization(value)
+
+    @property
+    def allowed_organizations(self) -> list[str]:
+        """Every organization a login may ask for (``organization`` first)."""
+        orgs = [self.organization] if self.organization else []
+        return orgs + [o for o in self.organizations if o not in orgs]
+
+
+_ORGANIZATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_ACR_VALUE = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII without spaces
+
+
+def check_organization(value: str) -> str:
+    """An Auth0 organization id (``org_...``) or name: letters, digits, ``_.-``."""
+    if not _ORGANIZATION.match(value):
+        raise ValueError(f"not an organization id or name: {value[:70]!r}")
+    return value
+
+
+def check_acr_value(value: str) -> str:
+    """One ``acr`` value (a URI or a short name): printable ASCII, no spaces."""
+    if not _ACR_VALUE.match(value):
+        raise ValueError(f"not an acr value (printable ASCII without spaces): {value[:70]!r}")
+    return value
 
 
 class SessionSettings(_Section):
@@ -373,6 +430,13 @@ class UpstreamPoolSettings(_Section):
     )
 
 
+AuthMode = Literal["user", "none", "client", "user_or_client", "user_or_none"]
+# Modes that use the user's session when there is one (and ask for its audience at login).
+USER_MODES = frozenset({"user", "user_or_client", "user_or_none"})
+# A claim rule's value: bool first, so that `true` stays a bool and never becomes 1.
+ClaimValue = bool | int | float | str
+
+
 class RouteSettings(_Section):
     prefix: str = Field(description="Path prefix; the longest matching prefix wins.")
     upstream: str = Field(description="Absolute http(s) URL the prefix maps to.")
@@ -381,7 +445,28 @@ class RouteSettings(_Section):
     scopes: list[str] = Field(default_factory=list, description="Scopes its tokens must carry.")
     timeout: Duration = Field(30.0, gt=0, description="Upstream timeout.")
     strip_prefix: bool = Field(True, description="Strip the prefix before forwarding.")
-    auth: Literal["user", "none"] = Field("user", description="user: bearer token; none: public.")
+    auth: AuthMode = Field(
+        "user",
+        description="user: the user's token (login needed); none: public, no token; client: "
+        "the gateway's own client-credentials token; user_or_client: the user's token with a "
+        "session, else the client token; user_or_none: the user's token with a session, else "
+        "forwarded without Authorization.",
+    )
+    require: dict[str, ClaimValue | list[ClaimValue]] = Field(
+        default_factory=dict,
+        description="Claim rules (auth: user): claim name (dotted for nesting, or a URI) -> "
+        "value or list of values (any of); every rule must hold, else 403 forbidden.",
+    )
+    acr_values: list[str] = Field(
+        default_factory=list,
+        description="Step-up (auth: user): the session's acr must be one of these, else 401 "
+        "step_up_required with a login_url that asks the IdP for them.",
+    )
+    max_age: Duration | None = Field(
+        None,
+        description="Step-up (auth: user): the user must have authenticated at the IdP within "
+        "this long (the ID token's auth_time), else 401 step_up_required.",
+    )
     csrf: bool = Field(True, description="Require the anti-CSRF header on this route.")
     websocket: bool = Field(False, description="Allow WebSocket upgrades.")
     websocket_token_expiry: Literal["keep", "close", "reconnect"] = Field(
@@ -430,10 +515,32 @@ class RouteSettings(_Section):
             raise ValueError("upstream must not have a query string")
         return value
 
+    @field_validator("require")
+    @classmethod
+    def _claim_rules(
+        cls, value: dict[str, ClaimValue | list[ClaimValue]]
+    ) -> dict[str, ClaimValue | list[ClaimValue]]:
+        for claim, expected in value.items():
+            if not claim or len(claim) > 256 or claim.startswith(".") or claim.endswith("."):
+                raise ValueError(f"not a claim name: {claim[:70]!r}")
+            if isinstance(expected, list) and not expected:
+                raise ValueError(f"{claim}: an empty list matches nothing")
+        return value
+
+    @field_validator("acr_values")
+    @classmethod
+    def _acr_values_shape(cls, value: list[str]) -> list[str]:
+        return [check_acr_value(v) for v in value]
+
     @model_validator(mode="after")
     def _audience_when_needed(self) -> RouteSettings:
-        if self.auth == "user" and not self.audience:
-            raise ValueError(f"route {self.prefix}: auth user needs an audience")
+        if self.auth != "none" and not self.audience:
+            raise ValueError(f"route {self.prefix}: auth {self.auth} needs an audience")
+        if self.auth != "user" and (self.require or self.acr_values or self.max_age is not None):
+            raise ValueError(
+                f"route {self.prefix}: require, acr_values and max_age judge a user's session: "
+                "they need auth user"
+            )
         if not self.name:
             object.__setattr__(self, "name", self.prefix.strip("/").replace("/", "_") or "root")
         return self
@@ -537,6 +644,14 @@ class Settings(BaseSettings):
                 "session.secret_key: required with the redis store "
                 "(set GATEWAY_SESSION__SECRET_KEY)"
             )
+        for index, route in enumerate(self.routes):
+            if route.auth in ("client", "user_or_client") and (
+                self.oidc.token_endpoint_auth_method == "none"
+            ):
+                raise ValueError(
+                    f"routes.{index}.auth: {route.auth} needs client credentials "
+                    "(oidc.token_endpoint_auth_method none cannot ask for a client token)"
+                )
         if self.oidc.token_endpoint_auth_method != "none" and self.oidc.client_secret is None:
             raise ValueError(
                 "oidc.client_secret: required for "

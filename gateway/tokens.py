@@ -132,9 +132,8 @@ class TokenBroker:
         self._allow_opaque = settings.allow_opaque
         self._clock = clock
         self._cache = _TokenCache(settings.cache_size, clock, self._due)
-        # Refusals are remembered as (class, message), never as the exception object: one
-        # raised again and again would grow its traceback (and keep every frame's locals).
-        self._refusals: TLRUCache[CacheKey, tuple[type[GatewayError], str]] = TLRUCache(
+        # Refusals are remembered as a fresh copy, never as the raised exception (_remembered).
+        self._refusals: TLRUCache[CacheKey, GatewayError] = TLRUCache(
             maxsize=10_000, ttu=lambda _k, _v, now: now + _REFUSAL_TTL, timer=clock
         )
         # After the IdP failed (unreachable, timed out, 5xx), no exchange is tried until this
@@ -159,10 +158,17 @@ class TokenBroker:
         self._metrics.cache_hit_local.inc()
         return entry.access_token
 
-    async def access_token(self, session: Session, route: Route) -> str:
-        """A checked access token for ``route``'s audience; refreshes when due."""
+    async def access_token(
+        self, session: Session, route: Route, *, not_this: str | None = None
+    ) -> str:
+        """A checked access token for ``route``'s audience; refreshes when due.
+
+        ``not_this``: a token the upstream refused as ``invalid_token`` (revoked, or expired
+        before its time): wherever it is cached, it counts as missing, so a new one is minted
+        (still one exchange per session: requests waiting on the lock find the new one).
+        """
         hit = self.cached_token(session.id, route)
-        if hit is not None:
+        if hit is not None and hit != not_this:
             return hit
         audience = route.audience
         key: CacheKey = (session.id, audience, route.scope_key)
@@ -171,9 +177,11 @@ class TokenBroker:
         refusal = self._refusals.get(key)
         if refusal is not None:
             self._metrics.cache_hit_refused.inc()
-            raise self._refused(*refusal)
+            raise self._refused(refusal)
         store_key = f"{audience} {key[2]}"
         shared = await self._store.get_token(session.id, store_key)
+        if shared is not None and shared.access_token == not_this:
+            shared = None
         if shared is not None and now < self._due(shared):
             self._metrics.cache_hit_shared.inc()
             self._cache.put(key, shared)
@@ -187,6 +195,8 @@ class TokenBroker:
             if cached is None or now >= self._due(cached):
                 # Another instance may have refreshed it while ours fell due (Redis store).
                 cached = await self._store.get_token(session.id, store_key) or cached
+            if cached is not None and cached.access_token == not_this:
+                cached = None  # refused by the upstream: neither reused nor served on a 503
             if cached is not None and now < self._due(cached):
                 self._metrics.token_coalesced.inc()
                 self._cache.put(key, cached)
@@ -200,7 +210,13 @@ class TokenBroker:
                     raise LoginRequired("the session has ended", login_url=self._login_url)
                 answer = await self._exchange(current, audience, scopes)
                 try:
-                    token = self._checked(answer, audience=audience, scopes=scopes, now=now)
+                    token = checked_token(
+                        answer,
+                        audience=audience,
+                        scopes=scopes,
+                        now=now,
+                        allow_opaque=self._allow_opaque,
+                    )
                 except GatewayError as exc:
                     self._metrics.exchange_failed(audience, exc)
                     raise
@@ -209,7 +225,7 @@ class TokenBroker:
             except (AudienceNotPermitted, InsufficientScope, LoginRequired) as exc:
                 # The IdP said no (or wants an interaction): do not ask again for a while.
                 if not isinstance(exc, RefreshTokenRejected):
-                    self._refusals[key] = (type(exc), exc.message)
+                    self._refusals[key] = _remembered(exc)
                 raise
             except IdentityProviderUnavailable as exc:
                 later = self._clock()  # the IdP call may have taken up to its timeout
@@ -226,11 +242,11 @@ class TokenBroker:
             await self._store.put_token(session.id, store_key, token)
             return token.access_token
 
-    def _refused(self, error: type[GatewayError], message: str) -> GatewayError:
-        """A remembered refusal, raised again."""
-        if issubclass(error, LoginRequired):
-            return error(message, login_url=self._login_url)
-        return error(message)
+    def _refused(self, refusal: GatewayError) -> GatewayError:
+        """A remembered refusal, raised again (a new exception each time)."""
+        if isinstance(refusal, LoginRequired):
+            return refusal.relocated(self._login_url)
+        return type(refusal)(refusal.message)
 
     def _backing_off(
         self, session_id: str, audience: str, now: float
@@ -269,10 +285,7 @@ class TokenBroker:
             self.forget(session_id)
 
     def _due(self, token: CachedToken) -> float:
-        """When a token is due: ``skew`` before expiry, but never before half its life, so that
-        tokens living less than the skew do not cause an exchange on every request."""
-        lifetime = token.expires_at - token.issued_at if token.issued_at else float("inf")
-        return token.expires_at - min(self._skew, lifetime / 2)
+        return due_time(token, self._skew)
 
     async def _exchange(self, session: Session, audience: str, scopes: list[str]) -> TokenResponse:
         self.exchanges += 1
@@ -298,49 +311,69 @@ class TokenBroker:
             )
         return answer
 
-    def _checked(
-        self, answer: TokenResponse, *, audience: str, scopes: list[str], now: float
-    ) -> CachedToken:
-        """Fail closed on a token for another audience or without the route's scopes."""
-        expires_at = now + (
-            answer.expires_in if answer.expires_in is not None else _DEFAULT_LIFETIME
-        )
-        granted_scope = answer.scope
-        claims = unverified_claims(answer.access_token)
-        if claims is None:
-            if not self._allow_opaque:
-                raise AudienceNotPermitted(
-                    f"the identity provider issued an opaque token for {audience}; its audience "
-                    "cannot be checked (set tokens.allow_opaque to accept such tokens)"
-                )
-        else:
-            aud = claims.get("aud")
-            audiences = aud if isinstance(aud, list) else [aud]
-            if audience not in audiences:
-                raise AudienceNotPermitted(
-                    f"the identity provider did not issue a token for {audience}"
-                )
-            exp = claims.get("exp")
-            if isinstance(exp, int | float):
-                expires_at = min(expires_at, float(exp))
-            claimed_scope = claims.get("scope")
-            if granted_scope is None and isinstance(claimed_scope, str):
-                granted_scope = claimed_scope
-        if scopes:
-            have = set((granted_scope or "").split())
-            missing = [s for s in scopes if s not in have]
-            # A server that names no scope at all granted what was asked (RFC 6749 §5.1).
-            if missing and granted_scope is not None:
-                raise InsufficientScope(f"the token for {audience} lacks scope {' '.join(missing)}")
-        if expires_at <= now:
-            raise IdentityProviderUnavailable("the identity provider issued an expired token")
-        return CachedToken(
-            access_token=answer.access_token,
-            expires_at=expires_at,
-            audience=audience,
-            scope=granted_scope or "",
-            issued_at=now,
-        )
+
+def _remembered(exc: GatewayError) -> GatewayError:
+    """A refusal to remember without its traceback: one raised again and again would grow it
+    (and keep every frame's locals)."""
+    if isinstance(exc, LoginRequired):
+        return exc.relocated(exc.base_login_url)
+    return type(exc)(exc.message)
+
+
+def due_time(token: CachedToken, skew: float) -> float:
+    """When a token is due: ``skew`` before expiry, but never before half its life, so that
+    tokens living less than the skew do not cause an exchange on every request."""
+    lifetime = token.expires_at - token.issued_at if token.issued_at else float("inf")
+    return token.expires_at - min(skew, lifetime / 2)
+
+
+def checked_token(
+    answer: TokenResponse,
+    *,
+    audience: str,
+    scopes: list[str],
+    now: float,
+    allow_opaque: bool,
+) -> CachedToken:
+    """Fail closed on a token for another audience or without the route's scopes (user and
+    client tokens alike)."""
+    expires_at = now + (answer.expires_in if answer.expires_in is not None else _DEFAULT_LIFETIME)
+    granted_scope = answer.scope
+    claims = unverified_claims(answer.access_token)
+    if claims is None:
+        if not allow_opaque:
+            raise AudienceNotPermitted(
+                f"the identity provider issued an opaque token for {audience}; its audience "
+                "cannot be checked (set tokens.allow_opaque to accept such tokens)"
+            )
+    else:
+        aud = claims.get("aud")
+        audiences = aud if isinstance(aud, list) else [aud]
+        if audience not in audiences:
+            raise AudienceNotPermitted(
+                f"the identity provider did not issue a token for {audience}"
+            )
+        exp = claims.get("exp")
+        if isinstance(exp, int | float):
+            expires_at = min(expires_at, float(exp))
+        claimed_scope = claims.get("scope")
+        if granted_scope is None and isinstance(claimed_scope, str):
+            granted_scope = claimed_scope
+    if scopes:
+        have = set((granted_scope or "").split())
+        missing = [s for s in scopes if s not in have]
+        # A server that names no scope at all granted what was asked (RFC 6749 §5.1).
+        if missing and granted_scope is not None:
+            raise InsufficientScope(f"the token for {audience} lacks scope {' '.join(missing)}")
+    if expires_at <= now:
+        raise IdentityProviderUnavailable("the identity provider issued an expired token")
+    return CachedToken(
+        access_token=answer.access_token,
+        expires_at=expires_at,
+        audience=audience,
+        scope=granted_scope or "",
+        issued_at=now,
+    )
 
 
 def unverified_claims(token: str) -> dict[str, object] | None:

@@ -178,6 +178,14 @@ class SessionStore(Protocol):
         that is gone is not stored). An id with a colon (``client:<digest>``) names no
         session: its tokens are stored for their own lifetime, with no session record."""
 
+    async def get_client_token(self, key: str) -> CachedToken | None:
+        """The gateway's shared client-credentials token under ``key`` (audience and
+        scopes), or None. Client tokens belong to no session: ``refresh_lock("client:" +
+        key digest)`` serialises their exchange across instances."""
+
+    async def put_client_token(self, key: str, token: CachedToken) -> None:
+        """Share a client-credentials token until it expires."""
+
     async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
         """Remember a pending login (PKCE verifier, nonce, return_to) under its state.
 

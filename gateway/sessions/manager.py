@@ -87,8 +87,10 @@ class SessionManager:
             self._verified[cookie_header] = session_id
         return session_id
 
-    async def current(self, cookie_header: str | None) -> Session | None:
-        """The live session of this cookie (sliding its idle expiry), or None."""
+    async def current(self, cookie_header: str | None, *, slide: bool = True) -> Session | None:
+        """The live session of this cookie (sliding its idle expiry unless ``slide`` is
+        False: a page polling /auth/me?slide=false does not keep an idle session alive), or
+        None."""
         session_id = self.session_id_from_cookie(cookie_header)
         if session_id is None:
             return None
@@ -100,7 +102,7 @@ class SessionManager:
         if session.is_expired(now):
             await self.store.delete(session_id)
             return None
-        if now - session.last_seen >= self._touch_interval:
+        if slide and now - session.last_seen >= self._touch_interval:
             session.last_seen = now
             await self.store.touch(session)
         return session

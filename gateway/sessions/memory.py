@@ -39,6 +39,7 @@ class MemorySessionStore:
         self._max_pending_logins = max_pending_logins
         self._sessions: dict[str, tuple[Session, float]] = {}
         self._tokens: dict[str, dict[str, CachedToken]] = {}
+        self._client_tokens: dict[str, CachedToken] = {}
         self._logins: dict[str, tuple[dict[str, Any], float]] = {}
         self._jtis: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -140,6 +141,17 @@ class MemorySessionStore:
         # expire (``get_token`` hides expired ones; a new token replaces the old one).
         if session_id in self._sessions or ":" in session_id:
             self._tokens.setdefault(session_id, {})[key] = token
+
+    async def get_client_token(self, key: str) -> CachedToken | None:
+        token = self._client_tokens.get(key)
+        if token is not None and token.expires_at <= self._clock():
+            del self._client_tokens[key]
+            return None
+        return token
+
+    async def put_client_token(self, key: str, token: CachedToken) -> None:
+        # One per client route's (audience, scopes) at most: bounded by the configuration.
+        self._client_tokens[key] = token
 
     async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
         now = self._clock()

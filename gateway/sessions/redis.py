@@ -499,6 +499,28 @@ class RedisSessionStore:
         finally:
             self._cache.discard(tok_key)  # see ``save``
 
+    async def get_client_token(self, key: str) -> CachedToken | None:
+        redis_key = self._key("client-tok", _digest(key))
+        with self._translate("get_client_token"):
+            blob = _bytes(await self._redis.get(redis_key))
+        if blob is None:
+            return None
+        try:
+            token = CachedToken.from_json(self._cipher.decrypt(blob, aad=redis_key.encode()))
+        except (DecryptionFailed, ValueError, TypeError):
+            logger.warning("unreadable cached client token ignored")
+            return None
+        return token if token.expires_at > self._clock() else None
+
+    async def put_client_token(self, key: str, token: CachedToken) -> None:
+        redis_key = self._key("client-tok", _digest(key))
+        ttl = token.expires_at - self._clock()
+        if ttl <= 0:
+            return
+        blob = self._cipher.encrypt(token.to_json(), aad=redis_key.encode())
+        with self._translate("put_client_token"):
+            await self._redis.set(redis_key, blob, px=_ms(ttl))
+
     async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
         key = self._login_key(state)
         now = self._clock()

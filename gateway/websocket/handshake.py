@@ -28,18 +28,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import aiohttp
 from starlette.types import Receive, Scope, Send
 from yarl import URL
 
 from ..authorize import Authorizer
+from ..challenge import bearer_challenge
 from ..connections import ConnectionRegistry
 from ..errors import (
     GatewayError,
     HeadersTooLarge,
     LoginRequired,
     NotFound,
+    StepUpRequired,
     UpstreamError,
     as_gateway_error,
     render_error,
@@ -66,6 +69,14 @@ _HANDSHAKE_HEADERS = frozenset(
 )
 
 
+class TokenRefused(UpstreamError):
+    """The upstream refused the upgrade's token with ``invalid_token`` (RFC 6750 §3.1)."""
+
+
+def _no_count(route: str) -> None:
+    return None
+
+
 class WebSocketEndpoint:
     """The gateway's WebSocket entry: handshake, then a :class:`WebSocketConnection`."""
 
@@ -82,6 +93,7 @@ class WebSocketEndpoint:
         login_url: str,
         token_skew: float,
         clock: Clock | None = None,
+        on_retry: Callable[[str], None] | None = None,
     ) -> None:
         self._routes = routes
         self._authorizer = authorizer
@@ -93,6 +105,7 @@ class WebSocketEndpoint:
         self._login_url = login_url
         self._token_skew = token_skew
         self._clock = clock or LoopClock()
+        self._on_retry = on_retry or _no_count  # counts an upgrade retried with a new token
         self._session: aiohttp.ClientSession | None = None
         self.opened = 0  # counters (observability, tests)
         self.refused = 0
@@ -107,7 +120,15 @@ class WebSocketEndpoint:
             upgrade = await self._check(scope, raw_path)
             route_name = upgrade.route.name
             token = await self.token_for(upgrade)
-            upstream = await self.connect(upgrade, token, upgrade.subprotocols)
+            try:
+                upstream = await self.connect(upgrade, token, upgrade.subprotocols)
+            except TokenRefused:
+                # The upstream refused a token that died early: one more upgrade, with a new
+                # token (as the proxy sends a request once more).
+                assert token is not None
+                self._on_retry(route_name)
+                token = await self._authorizer.renewed_token(upgrade.route, upgrade.session, token)
+                upstream = await self.connect(upgrade, token, upgrade.subprotocols)
         except GatewayError as exc:
             self.refused += 1
             await _refuse(scope, send, as_gateway_error(exc, route_name))
@@ -199,6 +220,21 @@ class WebSocketEndpoint:
                     timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
                 )
         except aiohttp.WSServerHandshakeError as exc:
+            if exc.status == 401 and token is not None:
+                found = exc.headers.getall("WWW-Authenticate", []) if exc.headers else []
+                challenge = bearer_challenge(found)
+                if challenge is not None and challenge.step_up and upgrade.session is not None:
+                    raise StepUpRequired(
+                        f"the upstream of route {route.name} asks for a stronger or more "
+                        "recent login",
+                        login_url=self._login_url,
+                        acr_values=challenge.acr_values,
+                        max_age=challenge.max_age,
+                    ) from None
+                if challenge is not None and challenge.invalid_token:
+                    raise TokenRefused(
+                        f"upstream of route {route.name} refused the token (invalid_token)"
+                    ) from None
             raise UpstreamError(
                 f"upstream of route {route.name} refused the WebSocket upgrade ({exc.status})"
             ) from None

@@ -405,6 +405,12 @@ class Upstream:
         POST /upload    record; the body is counted while streaming, not kept
         GET  /slow?s=S  record after sleeping S seconds
         /status/CODE    record (no body for 204/304) with that status
+        /challenge      401 with an RFC 9470 step-up challenge (acr_values
+                        ``urn:test:mfa``, max_age 300)
+
+    ``revoke_next_token()`` makes it refuse the next valid token it sees, and that token
+    ever after, with ``401 WWW-Authenticate: Bearer error="invalid_token"`` (a token revoked
+    before its expiry); ``refused_tokens`` counts those refusals.
     """
 
     def __init__(
@@ -424,6 +430,9 @@ class Upstream:
         self._jwks = _JwksCache(issuer) if issuer else None
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
+        self._revoke_next = False
+        self._revoked: set[str] = set()
+        self.refused_tokens = 0
         self._server = ServerThread(self._build_app())
         self.base_url = self._server.base_url
         self.url = f"{self.base_url}/"
@@ -434,6 +443,21 @@ class Upstream:
         """A snapshot of every request received so far (including rejected ones)."""
         with self._lock:
             return list(self._requests)
+
+    def revoke_next_token(self) -> None:
+        """Refuse the next valid token, and every later use of it (see the class doc)."""
+        with self._lock:
+            self._revoke_next = True
+
+    def _refuses(self, token: str) -> bool:
+        with self._lock:
+            if self._revoke_next:
+                self._revoke_next = False
+                self._revoked.add(token)
+            if token in self._revoked:
+                self.refused_tokens += 1
+                return True
+            return False
 
     def clear(self) -> None:
         """Forget the recorded requests."""
@@ -483,6 +507,27 @@ class Upstream:
                 entry.update(
                     aud=claims.get("aud"), sub=claims.get("sub"), scope=claims.get("scope")
                 )
+                bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+                if self._refuses(bearer):
+                    entry["status"] = 401
+                    self._record(entry)
+                    return JSONResponse(
+                        {"error": "invalid_token", "detail": "revoked"},
+                        status_code=401,
+                        headers={"www-authenticate": 'Bearer error="invalid_token"'},
+                    )
+                if request.url.path == "/challenge":
+                    entry["status"] = 401
+                    self._record(entry)
+                    return JSONResponse(
+                        {"error": "insufficient_user_authentication"},
+                        status_code=401,
+                        headers={
+                            "www-authenticate": 'Bearer error="insufficient_user_authentication"'
+                            ', error_description="A stronger login is required"'
+                            ', acr_values="urn:test:mfa", max_age="300"'
+                        },
+                    )
             body_len = 0
             async for chunk in request.stream():
                 body_len += len(chunk)

@@ -33,10 +33,19 @@ async def test_public_route_and_me_work_while_idp_is_down() -> None:
         async with _client(app) as client:
             public = await client.get("/status/ping")
             me = await client.get("/auth/me")
-            token_route = await client.get("/api/orders", headers={"X-CSRF": "1"})
+            # Without a session there is no token to get: the answer is the login challenge,
+            # IdP or not (the IdP is needed only for a token).
+            no_session = await client.get("/api/orders", headers={"X-CSRF": "1"})
+            _, cookie = await app.state.services.sessions.create(
+                sub="alice", sid=None, refresh_token="rt", id_token=None, claims={}
+            )
+            token_route = await client.get(
+                "/api/orders", headers={"X-CSRF": "1", "Cookie": cookie.split(";")[0]}
+            )
     await app.state.services.shutdown()
     assert public.status_code == 200 and len(upstream.calls) == 1
     assert me.status_code == 401 and me.json()["error"] == "login_required"
+    assert no_session.status_code == 401 and no_session.json()["error"] == "login_required"
     assert token_route.status_code == 503 and token_route.json()["error"] == "idp_unavailable"
 
 
@@ -49,11 +58,15 @@ async def test_requests_queued_behind_a_failing_start_fail_fast() -> None:
         calls += 1
         raise httpx.ReadTimeout("idp hangs", request=request)
 
+    _, cookie = await app.state.services.sessions.create(
+        sub="alice", sid=None, refresh_token="rt", id_token=None, claims={}
+    )
+    headers = {"X-CSRF": "1", "Cookie": cookie.split(";")[0]}
     with respx.mock(assert_all_called=False) as router:
         router.get(ISSUER + ".well-known/openid-configuration").mock(side_effect=hang)
         async with _client(app) as client:
             responses = await asyncio.gather(
-                *(client.get("/api/orders", headers={"X-CSRF": "1"}) for _ in range(5))
+                *(client.get("/api/orders", headers=headers) for _ in range(5))
             )
     await app.state.services.shutdown()
     assert [r.status_code for r in responses] == [503] * 5

@@ -4,6 +4,11 @@ The same cases run through the proxy, forward-auth and the WebSocket handshake o
 (IdP mocked by respx, a real WebSocket upstream on loopback) and must end the same way. The
 anti-CSRF proof differs by kind of request, not by entry: on HTTP the header (plus Origin on
 unsafe methods), on a WebSocket upgrade the Origin (a page cannot set a header on one).
+
+The cases cover every token mode (user, none, client, user_or_client, user_or_none), claim
+rules and step-up (the route's acr_values and max_age, and Auth0's ``mfa_required``): each
+entry answers the same status and error, sends the same kind of token (the user's, the
+gateway's client token, or none), and every step-up names a login URL asking for it.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+import jwt
 import pytest
 import respx
 from starlette.applications import Starlette
@@ -47,6 +54,8 @@ class Case:
     origin: str | None = None  # an Origin sent with the request (HTTP); the upgrade's Origin
     idp: str = "up"  # up | discovery-down | token-down | token-down-after-one
     expected: tuple[int, str | None] = PASSED
+    token: str | None = "user"  # the token a passed request carries: user | client | None
+    login_asks: str | None = None  # what a step-up's login_url must ask for
 
 
 CASES = {
@@ -58,23 +67,63 @@ CASES = {
         path="/billing/x", expected=(403, "audience_not_permitted")
     ),
     "public route while the IdP is down": Case(
-        path="/public/x", cookie=False, idp="discovery-down"
+        path="/public/x", cookie=False, idp="discovery-down", token=None
     ),
     "token route while the IdP is down, no cached token": Case(
         idp="token-down", expected=(503, "idp_unavailable")
     ),
     "token route while the IdP is down, a cached token": Case(idp="token-down-after-one"),
     "allowed": Case(),
+    "client route, no session": Case(path="/client/x", cookie=False, token="client"),
+    "client route, a session": Case(path="/client/x", token="client"),
+    "user_or_client, no session": Case(path="/either/x", cookie=False, token="client"),
+    "user_or_client, a session": Case(path="/either/x"),
+    "user_or_none, no session": Case(path="/maybe/x", cookie=False, token=None),
+    "user_or_none, no session, the IdP down": Case(
+        path="/maybe/x", cookie=False, token=None, idp="discovery-down"
+    ),
+    "user_or_none, a session": Case(path="/maybe/x"),
+    "user_or_none, a session without the anti-CSRF proof": Case(
+        path="/maybe/x", csrf_proof=False, expected=(403, "csrf_failed")
+    ),
+    "claim rule passes (list claim, any of)": Case(path="/staff/x"),
+    "claim rule fails": Case(path="/admin/x", expected=(403, "forbidden")),
+    "acr too weak": Case(
+        path="/secure/x", expected=(401, "step_up_required"), login_asks="acr_values=urn%3Amfa"
+    ),
+    "authenticated too long ago": Case(
+        path="/fresh/x", expected=(401, "step_up_required"), login_asks="max_age=600"
+    ),
+    "the IdP answers mfa_required": Case(
+        path="/mfa/x",
+        expected=(401, "step_up_required"),
+        login_asks="acr_values=http%3A%2F%2Fschemas.openid.net%2Fpape%2Fpolicies%2F2007%2F06"
+        "%2Fmulti-factor",
+    ),
 }
+MFA = "https://mfa.example.com"
+USER_TOKEN_SUB = "auth0|alice"
+CLIENT_TOKEN_SUB = "client-id@clients"
 
 
 def _token_answer(request: httpx.Request) -> httpx.Response:
-    audience = dict(httpx.QueryParams(request.content.decode()))["audience"]
+    form = dict(httpx.QueryParams(request.content.decode()))
+    audience = form["audience"]
     if audience == BILLING:
         return httpx.Response(403, json={"error": "access_denied"})
+    if audience == MFA:  # Auth0's answer when the MFA policy wants a second factor
+        return httpx.Response(
+            403,
+            json={
+                "error": "mfa_required",
+                "error_description": "Multifactor authentication required",
+                "mfa_token": "Fe26.2*mfa-token",
+            },
+        )
+    sub = CLIENT_TOKEN_SUB if form["grant_type"] == "client_credentials" else USER_TOKEN_SUB
     return httpx.Response(
         200,
-        json={"access_token": access_token(API, scope="read:orders"), "expires_in": 600},
+        json={"access_token": access_token(API, scope="read:orders", sub=sub), "expires_in": 600},
     )
 
 
@@ -86,6 +135,8 @@ class Gateway:
     ws_upstream: Upstream
     token_route: respx.Route
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    login_urls: list[str] = field(default_factory=list)  # of each 401
+    bearers: list[str | None] = field(default_factory=list)  # each passed request's token
 
 
 Entry = Callable[[Gateway, Case], Awaitable[tuple[int, str | None]]]
@@ -120,11 +171,23 @@ async def through_the_proxy(gateway: Gateway, case: Case) -> tuple[int, str | No
             case.method, case.path, headers=_http_headers(gateway, case)
         )
     if response.status_code == 200:
+        gateway.bearers.append(_bearer(gateway.upstream.calls[-1][1]))
         return PASSED
     body = response.json()
     if response.status_code == 401:  # every 401 says where to log in
         assert body["login_url"].startswith(ORIGIN + "/auth/login")
+        gateway.login_urls.append(body["login_url"])
     return response.status_code, body["error"]
+
+
+def _bearer(headers: Any) -> str | None:
+    """The subject of the bearer token in forwarded headers, or None without one."""
+    values = [v for k, v in headers if k.lower() == "authorization"]
+    if not values:
+        return None
+    (value,) = values
+    claims = jwt.decode(value.removeprefix("Bearer "), options={"verify_signature": False})
+    return "user" if claims["sub"] == USER_TOKEN_SUB else "client"
 
 
 async def through_forward_auth(gateway: Gateway, case: Case) -> tuple[int, str | None]:
@@ -137,9 +200,11 @@ async def through_forward_auth(gateway: Gateway, case: Case) -> tuple[int, str |
     async with _client(gateway) as client:
         response = await client.get("/auth/forward", headers=headers)
     if response.status_code == 200:
+        gateway.bearers.append(_bearer(response.headers.items()))
         return PASSED
     if response.status_code == 401:  # login, then back to the original URI
         assert response.headers["x-auth-login-url"].startswith(ORIGIN + "/auth/login?return_to=")
+        gateway.login_urls.append(response.headers["x-auth-login-url"])
     return response.status_code, response.headers["x-auth-error"]
 
 
@@ -154,12 +219,17 @@ async def through_the_websocket_handshake(gateway: Gateway, case: Case) -> tuple
             await asyncio.sleep(0.005)
     first = browser.sent[0]
     if first["type"] == "websocket.accept":
+        async with asyncio.timeout(TIMEOUT):  # recorded just after the upstream's accept
+            while not gateway.ws_upstream.seen:
+                await asyncio.sleep(0.005)
+        gateway.bearers.append(_bearer(gateway.ws_upstream.seen[-1]["headers"].items()))
         browser.leave(1000)
         await asyncio.wait_for(task, TIMEOUT)
         return PASSED
     body = json.loads((await browser.wait_for("websocket.http.response.body"))[0]["body"])
     if first["status"] == 401:
         assert body["login_url"].startswith(ORIGIN + "/auth/login")
+        gateway.login_urls.append(body["login_url"])
     return first["status"], body["error"]
 
 
@@ -196,6 +266,14 @@ async def _gateway(case: Case, ws_upstream: Upstream, router: respx.MockRouter) 
             {"prefix": "/api/", "audience": API, "scopes": ["read:orders"], **route},
             {"prefix": "/billing/", "audience": BILLING, **route},
             {"prefix": "/public/", "auth": "none", **route},
+            {"prefix": "/client/", "auth": "client", "audience": API, **route},
+            {"prefix": "/either/", "auth": "user_or_client", "audience": API, **route},
+            {"prefix": "/maybe/", "auth": "user_or_none", "audience": API, **route},
+            {"prefix": "/staff/", "audience": API, "require": {"roles": ["staff", "x"]}, **route},
+            {"prefix": "/admin/", "audience": API, "require": {"roles": "admin"}, **route},
+            {"prefix": "/secure/", "audience": API, "acr_values": ["urn:mfa"], **route},
+            {"prefix": "/fresh/", "audience": API, "max_age": "10m", **route},
+            {"prefix": "/mfa/", "audience": MFA, **route},
         ],
         forward_auth={"enabled": True, "secret": SECRET},
         csrf={"allowed_origins": [ORIGIN]},
@@ -203,8 +281,9 @@ async def _gateway(case: Case, ws_upstream: Upstream, router: respx.MockRouter) 
     upstream = RecordingUpstream()
     app = create_app(settings, upstream=upstream)
     services = app.state.services
+    claims = {"roles": ["staff"], "acr": "urn:pwd", "auth_time": int(time.time()) - 3600}
     _, set_cookie = await services.sessions.create(
-        sub="auth0|alice", sid=None, refresh_token="rt", id_token=None, claims={}
+        sub="auth0|alice", sid=None, refresh_token="rt", id_token=None, claims=claims
     )
     return Gateway(app, set_cookie.split(";")[0], upstream, ws_upstream, token_route)
 
@@ -229,6 +308,10 @@ async def test_every_entry_decides_the_same_way(
             await asyncio.gather(*gateway.tasks, return_exceptions=True)
             await gateway.app.state.services.shutdown()
     assert outcome == case.expected
+    if outcome == PASSED:
+        assert gateway.bearers[-1] == case.token
+    if case.login_asks is not None:
+        assert len(gateway.login_urls) == 1 and case.login_asks in gateway.login_urls[0]
     logged = [r.getMessage() for r in caplog.records if r.name == "gateway.error"]
     if case.expected[0] >= 500:  # logged the same way from every entry: the route, no path
         assert logged == ["idp_unavailable on route api: the identity provider is unreachable"]

@@ -27,6 +27,7 @@ from gateway.websocket import WebSocketEndpoint
 from gateway.websocket.relay import sendable_code, short_reason, token_times
 
 from .conftest import API, make_settings
+from .fakes import LoopbackAiohttpServer
 
 pytestmark = pytest.mark.anyio
 
@@ -79,30 +80,15 @@ def fake_token(ttl: float, *, n: int = 0, now: float | None = None) -> str:
 # -- the upstream: a real WebSocket server ---------------------------------------------------
 
 
-class Upstream:
+class Upstream(LoopbackAiohttpServer):
     """aiohttp WebSocket server: /echo, /ticks (every 20 ms), /close (4000 "bye"), /big (2 KiB),
     /refuse (403, no upgrade)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.seen: list[dict[str, Any]] = []
         self.closes: list[tuple[int | None, str]] = []
         self.ticks_sent = 0
-        self.url = ""
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_get("/{path:.*}", self._handle)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}/"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if request.path == "/refuse":

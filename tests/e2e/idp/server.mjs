@@ -22,7 +22,8 @@
 //   IDP_EXIT_ON_STDIN_EOF  "1" exits when stdin closes, so the IdP dies with
 //                        the test process that spawned it (default "0")
 //
-// Clients (confidential, grant types authorization_code + refresh_token):
+// Clients (confidential, grant types authorization_code + refresh_token +
+// client_credentials; a client-credentials token is a JWT for one `resource`):
 //   bff        / bff-secret        token_endpoint_auth_method client_secret_post
 //   bff-basic  / bff-basic-secret  token_endpoint_auth_method client_secret_basic
 // Both accept any redirect_uri `http://{127.0.0.1|localhost}:<port>/auth/callback`
@@ -44,6 +45,19 @@
 //
 // Dev interactions are on: any login/password is accepted and the login
 // becomes `sub`; consent grants every requested scope and resource.
+//
+// Authentication strength (for step-up): the password `mfa` logs in with
+// acr `urn:test:mfa` (amr ["pwd", "otp"]), any other with acr `urn:test:pwd`
+// (amr ["pwd"]). The claims parameter is on, so a login asking for an
+// essential acr the IdP session lacks prompts for a new login; max_age does
+// too, and puts auth_time in the ID token.
+//
+// Claims beyond the standard ones (scope `profile`), for claim rules:
+//   https://example.com/roles  ["admin", "staff"] for a login starting with
+//                              "admin", else ["staff"]
+//   groups                     ["ops"] for "admin...", else ["dev"]
+//   app_metadata               {"plan": "pro" when the login contains "pro",
+//                               else "free", "beta": true}
 
 import { generateKeyPairSync, randomBytes } from 'node:crypto';
 import { setDefaultResultOrder } from 'node:dns';
@@ -89,6 +103,7 @@ function newStats() {
   return {
     grants: { authorization_code: 0, refresh_token: 0 },
     refresh_by_resource: {},
+    client_credentials_by_resource: {},
     refresh_errors: {},
     grant_errors: {},
     revocations: 0,
@@ -210,7 +225,7 @@ function clientMetadata(clientId, secret, authMethod) {
     client_id: clientId,
     client_secret: secret,
     token_endpoint_auth_method: authMethod,
-    grant_types: ['authorization_code', 'refresh_token'],
+    grant_types: ['authorization_code', 'refresh_token', 'client_credentials'],
     response_types: ['code'],
     // Placeholders: the real check is the loopback pattern installed below.
     redirect_uris: ['http://127.0.0.1/auth/callback'],
@@ -221,7 +236,12 @@ function clientMetadata(clientId, secret, authMethod) {
   };
 }
 
+const ROLES_CLAIM = 'https://example.com/roles';
+const ACR_PWD = 'urn:test:pwd';
+const ACR_MFA = 'urn:test:mfa';
+
 function account(sub) {
+  const admin = sub.startsWith('admin');
   return {
     accountId: sub,
     async claims() {
@@ -230,6 +250,9 @@ function account(sub) {
         email: `${sub}@example.com`,
         email_verified: true,
         name: `${sub.charAt(0).toUpperCase()}${sub.slice(1)} Example`,
+        [ROLES_CLAIM]: admin ? ['admin', 'staff'] : ['staff'],
+        groups: admin ? ['ops'] : ['dev'],
+        app_metadata: { plan: sub.includes('pro') ? 'pro' : 'free', beta: true },
       };
     },
   };
@@ -244,10 +267,13 @@ function buildProvider(issuer) {
     ],
     jwks: signingKeys(),
     cookies: { keys: [randomBytes(32).toString('hex')] },
+    acrValues: [ACR_PWD, ACR_MFA],
     claims: {
+      acr: null,
+      auth_time: null,
       openid: ['sub'],
       email: ['email', 'email_verified'],
-      profile: ['name'],
+      profile: ['name', ROLES_CLAIM, 'groups', 'app_metadata'],
     },
     findAccount: async (_ctx, sub) => account(sub),
     allowOmittingSingleRegisteredRedirectUri: false,
@@ -259,6 +285,8 @@ function buildProvider(issuer) {
     },
     features: {
       devInteractions: { enabled: true },
+      claimsParameter: { enabled: true },
+      clientCredentials: { enabled: true },
       revocation: { enabled: true },
       rpInitiatedLogout: { enabled: true },
       backchannelLogout: { enabled: true },
@@ -305,6 +333,18 @@ function buildProvider(issuer) {
     },
   });
 
+  // The dev login form has no second factor: its password picks the acr (see above).
+  const finish = provider.interactionFinished.bind(provider);
+  provider.interactionFinished = async (req, res, result, options) => {
+    if (result?.login) {
+      const password = Provider.ctx?.oidc?.body?.password;
+      const strong = password === 'mfa';
+      result.login.acr = strong ? ACR_MFA : ACR_PWD;
+      result.login.amr = strong ? ['pwd', 'otp'] : ['pwd'];
+    }
+    return finish(req, res, result, options);
+  };
+
   provider.Client.prototype.redirectUriAllowed = function redirectUriAllowed(value) {
     return typeof value === 'string' && LOOPBACK_REDIRECT.test(value);
   };
@@ -342,6 +382,7 @@ function buildProvider(issuer) {
       const key = resource ?? at?.resourceServer?.identifier() ?? '';
       bump(stats.refresh_by_resource, key);
     }
+    if (grantType === 'client_credentials') bump(stats.client_credentials_by_resource, resource ?? '');
   });
   provider.on('grant.error', (ctx, err) => {
     const grantType = ctx.oidc?.params?.grant_type ?? 'unknown';
