@@ -501,7 +501,7 @@ class RedisSessionStore:
 
     async def get_client_token(self, key: str) -> CachedToken | None:
         redis_key = self._key("client-tok", _digest(key))
-        with self._translate("get_client_token"):
+        async with self._translate("get_client_token"):
             blob = _bytes(await self._redis.get(redis_key))
         if blob is None:
             return None
@@ -518,7 +518,7 @@ class RedisSessionStore:
         if ttl <= 0:
             return
         blob = self._cipher.encrypt(token.to_json(), aad=redis_key.encode())
-        with self._translate("put_client_token"):
+        async with self._translate("put_client_token"):
             await self._redis.set(redis_key, blob, px=_ms(ttl))
 
     async def put_login(self, state: str, data: dict[str, Any], ttl: float) -> None:
