@@ -50,17 +50,10 @@ end
 return 1
 """
 
-# KEYS: sess, tok  ARGV: field, ciphertext, token ttl ms, pseudo (1: the id names no session)
-# Tokens live exactly as long as their session; under a pseudo id (``client:<digest>``, no
-# session record) as long as the longest-lived token in the hash.
+# KEYS: sess, tok  ARGV: field, ciphertext. Tokens live exactly as long as their session.
 PUT_TOKEN = """
 local ttl = redis.call('PTTL', KEYS[1])
-if ttl == -2 then
-  if ARGV[4] ~= '1' then return 0 end
-  ttl = tonumber(ARGV[3])
-  local current = redis.call('PTTL', KEYS[2])
-  if current > ttl then ttl = current end
-end
+if ttl == -2 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1

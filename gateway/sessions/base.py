@@ -175,8 +175,7 @@ class SessionStore(Protocol):
 
     async def put_token(self, session_id: str, key: str, token: CachedToken) -> None:
         """Share an access token until it expires (or its session ends: a token of a session
-        that is gone is not stored). An id with a colon (``client:<digest>``) names no
-        session: its tokens are stored for their own lifetime, with no session record."""
+        that is gone is not stored)."""
 
     async def get_client_token(self, key: str) -> CachedToken | None:
         """The gateway's shared client-credentials token under ``key`` (audience and

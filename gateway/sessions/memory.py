@@ -137,9 +137,7 @@ class MemorySessionStore:
         return token
 
     async def put_token(self, session_id: str, key: str, token: CachedToken) -> None:
-        # A pseudo id (``client:<digest>``) names no session: its tokens live until they
-        # expire (``get_token`` hides expired ones; a new token replaces the old one).
-        if session_id in self._sessions or ":" in session_id:
+        if session_id in self._sessions:
             self._tokens.setdefault(session_id, {})[key] = token
 
     async def get_client_token(self, key: str) -> CachedToken | None:

@@ -10,13 +10,14 @@ Key layout (under ``key_prefix``)::
     idx:sid:<sha256(sid)> SET   idem, by the IdP's session id
     lock:<id>             STRING random token of the refresh-lock holder (a lease)
     jti:<sha256(jti)>     STRING back-channel logout token ids seen, until the token expires
+    client-tok:<sha256>   STRING AES-GCM(the gateway's client-credentials token), until it expires
 
 In cluster mode (``session.redis_mode: cluster``) the id in ``sess``, ``tok`` and ``lock`` is a
-hash tag (``sess:{<id>}``): every key of one session (or of a pseudo id such as
-``client:<digest>``) is in one slot, so the scripts that update them together run on one node.
-The indexes are in their own slots and kept outside those scripts (index first, then the
-session: a crash in between leaves only an index member that ``find`` prunes). Pending logins
-share the tag ``{logins}`` with the set that bounds them.
+hash tag (``sess:{<id>}``): every key of one session is in one slot, so the scripts that update
+them together run on one node. The indexes are in their own slots and kept outside those
+scripts (index first, then the session: a crash in between leaves only an index member that
+``find`` prunes). Pending logins share the tag ``{logins}`` with the set that bounds them.
+Client tokens and their lock (``lock:{client:<digest>}``) are single-key operations.
 
 Reads are served from a per-instance cache of decoded values (``_client_cache``) kept coherent
 by Redis client tracking (``_tracking``): a hit costs no round trip, a write by any instance
@@ -93,11 +94,6 @@ def _float(value: bytes | str | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
-
-
-def is_pseudo_id(session_id: str) -> bool:
-    """An id that names no session (``client:<digest>``): session ids are hex digests."""
-    return ":" in session_id
 
 
 class _LocalLock:
@@ -488,13 +484,11 @@ class RedisSessionStore:
         tok_key = self._key("tok", session_id)
         field = _digest(key)
         blob = self._cipher.encrypt(token.to_json(), aad=f"{tok_key}\n{field}".encode())
-        ttl = _ms(token.expires_at - self._clock())
-        pseudo = "1" if is_pseudo_id(session_id) else "0"
         self._cache.discard(tok_key)
         try:
             async with self._translate("put_token"):
                 await self._put_token_script(
-                    keys=[self._key("sess", session_id), tok_key], args=[field, blob, ttl, pseudo]
+                    keys=[self._key("sess", session_id), tok_key], args=[field, blob]
                 )
         finally:
             self._cache.discard(tok_key)  # see ``save``

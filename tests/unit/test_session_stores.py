@@ -447,18 +447,20 @@ async def test_store_put_login_with_a_cap_of_zero_refuses_cleanly() -> None:
             assert refused.value.retry_after == 60
 
 
-async def test_store_put_token_under_a_pseudo_id_needs_no_session(
+async def test_store_client_token_needs_no_session_and_expires(
     store_and_clock: tuple[SessionStore, FakeClock],
 ) -> None:
-    # Client-credentials tokens of the whole gateway are kept under ``client:<digest>``.
+    # The gateway's client-credentials tokens: their own methods, and a lock under
+    # ``client:<digest>`` that names no session.
     store, clock = store_and_clock
     token = CachedToken("at-client", clock.now + 100, "https://api")
-    await store.put_token("client:0123abcd", "k", token)
-    assert await store.get_token("client:0123abcd", "k") == token
+    await store.put_client_token("https://api read", token)
+    assert await store.get_client_token("https://api read") == token
     async with store.refresh_lock("client:0123abcd"):
-        assert await store.get_token("client:0123abcd", "k") == token
+        assert await store.get_client_token("https://api read") == token
+    assert await store.get_token("client:0123abcd", "https://api read") is None
     clock.now += 101
-    assert await store.get_token("client:0123abcd", "k") is None
+    assert await store.get_client_token("https://api read") is None
 
 
 async def test_store_put_token_of_an_ended_session_is_not_kept(
