@@ -130,7 +130,9 @@ class RedisTopology:
                 **url_kwargs,
                 socket_timeout=socket_timeout,
                 socket_connect_timeout=timeout,
-                cluster_error_retry_attempts=1,
+                # One immediate retry (after a refresh of the slot map when a node failed):
+                # the operation's own bound (redis_timeout) decides, not a backoff.
+                retry=Retry(NoBackoff(), 1),
             )
 
     def __repr__(self) -> str:

@@ -31,6 +31,10 @@ def _cli(port: int, *args: str) -> str:
     return result.stdout.strip()
 
 
+def _info(text: str) -> dict[str, str]:
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
 def wait_for(predicate: Callable[[], bool], what: str, within: float = _START_WAIT) -> None:
     deadline = time.monotonic() + within
     while not predicate():
@@ -58,11 +62,16 @@ class RedisNode:
             command += base
         else:
             command = ["redis-server", *base, "--save", "", "--appendonly", "no", *args]
-        self._proc = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
+        self.log = self.dir / "log"
+        with self.log.open("wb") as log:  # read it when a node does not come up
+            self._proc = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
         started.append(self)  # stopped on exit even if the topology never comes up
-        wait_for(lambda: self.cli("PING") == "PONG", f"redis on {self.port}")
+        try:
+            wait_for(lambda: self.cli("PING") == "PONG", f"redis on {self.port}")
+        except RuntimeError as exc:
+            raise RuntimeError(f"{exc}:\n{self.log.read_text(errors='replace')[-2000:]}") from None
 
     def cli(self, *args: str) -> str:
         return _cli(self.port, *args)
@@ -71,18 +80,24 @@ class RedisNode:
     def alive(self) -> bool:
         return self._proc.poll() is None
 
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): its connections stay open, nothing answers."""
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._proc.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         if self.alive:
             self._proc.send_signal(signal.SIGKILL)
             self._proc.wait(timeout=10)
 
     def stop(self) -> None:
+        # SIGKILL: nothing is persisted, and a terminated master with replicas would wait up
+        # to shutdown-timeout (10 s) for them to catch up.
         if self.alive:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.kill()
+            self.resume()
+        self.kill()
 
 
 class SentinelTopology:
@@ -123,13 +138,35 @@ class SentinelTopology:
         reply = self.sentinels[0].cli("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER).split()
         return int(reply[1])
 
+    def is_replicated(self) -> bool:
+        """The replica has everything the master wrote so far."""
+        master = _info(self.master.cli("INFO", "replication"))
+        replica = _info(self.replica.cli("INFO", "replication"))
+        return master.get("master_repl_offset") == replica.get("slave_repl_offset")
+
+    def wait_failed_over(self, within: float = 60.0) -> None:
+        """Wait until the sentinels promoted the replica and it accepts writes."""
+        old = self.master.port
+
+        def promoted() -> bool:
+            try:
+                moved = self.master_port() != old
+            except (IndexError, ValueError):
+                return False
+            return moved and "role:master" in self.replica.cli("INFO", "replication")
+
+        wait_for(promoted, "the sentinels to promote the replica", within=within)
+
 
 class ClusterTopology:
     """Three masters with one replica each (``redis-cli --cluster create``)."""
 
     def __init__(self, started: list[RedisNode], workdir: Path) -> None:
         args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "1000")
-        self.servers = [RedisNode(started, workdir, *args) for _ in range(6)]
+        # The bus port defaults to port + 10000, past 65535 for a high ephemeral port.
+        self.servers = [
+            RedisNode(started, workdir, *args, "--cluster-port", str(free_port())) for _ in range(6)
+        ]
         subprocess.run(
             [
                 "redis-cli",
@@ -159,6 +196,40 @@ class ClusterTopology:
     @property
     def seeds(self) -> list[str]:
         return [f"127.0.0.1:{n.port}" for n in self.servers[1:]]
+
+    def node_holding(self, pattern: str) -> RedisNode:
+        """The live master that holds a key matching ``pattern`` (KEYS: a test cluster)."""
+        for node in self.servers:
+            if node.alive and "role:master" in node.cli("INFO", "replication"):
+                if node.cli("KEYS", pattern):
+                    return node
+        raise RuntimeError(f"no master holds a key matching {pattern}")
+
+    def has_failed_over(self, pattern: str, victim: RedisNode) -> bool:
+        """The cluster is ok and a key matching ``pattern`` is on a live master other than
+        ``victim`` (its replica was promoted)."""
+        if not self._ok():
+            return False
+        try:
+            return self.node_holding(pattern) is not victim
+        except RuntimeError:
+            return False
+
+    def is_replicated(self) -> bool:
+        """Every replica has everything its master wrote so far."""
+        offsets: dict[str, str] = {}
+        replicas: list[dict[str, str]] = []
+        for node in self.servers:
+            if not node.alive:
+                continue
+            info = _info(node.cli("INFO", "replication"))
+            if info.get("role") == "master":
+                offsets[str(node.port)] = info.get("master_repl_offset", "?")
+            else:
+                replicas.append(info)
+        return all(
+            offsets.get(r.get("master_port", "")) == r.get("slave_repl_offset") for r in replicas
+        )
 
     def master_of(self, key: str) -> RedisNode:
         """The node that serves ``key``'s slot now."""
