@@ -189,6 +189,18 @@ class RedisTopology:
             raise
         return connections
 
+    async def master_changed(self) -> bool:
+        """Sentinel mode: ask the sentinels for the master; True when it moved since the last
+        answer. The pool then drops every connection, busy ones too (their commands fail:
+        503), so the next command reaches the new master."""
+        pool = self.client.connection_pool
+        before = pool.master_address
+        after = await pool.get_master_address()
+        if before is None or after == before:
+            return False
+        await pool.disconnect(inuse_connections=True)
+        return True
+
     def pubsub(self) -> Any:
         return self.client.pubsub()
 

@@ -38,6 +38,8 @@ _RETRY_MIN = 0.05
 _RETRY_MAX = 2.0
 
 OpenConnections = Callable[[], Awaitable[list[Connection]]]
+# True when the master changed since the last call (sentinel mode; see ``_redis_connect``).
+MasterChanged = Callable[[], Awaitable[bool]]
 
 
 class TrackingLost(Exception):
@@ -55,8 +57,10 @@ class InvalidationTracker:
         open_connections: OpenConnections,
         timeout: float,
         lease: float,
+        master_changed: MasterChanged | None = None,
     ) -> None:
         self._cache = cache
+        self._master_changed = master_changed
         self._prefixes = list(prefixes)
         self._open = open_connections
         self._timeout = timeout
@@ -100,6 +104,8 @@ class InvalidationTracker:
                 tasks = [
                     asyncio.create_task(self._follow(conn, i)) for i, conn in enumerate(connections)
                 ]
+                if self._master_changed is not None:
+                    tasks.append(asyncio.create_task(self._watch_master(self._master_changed)))
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
                 finally:
@@ -178,6 +184,21 @@ class InvalidationTracker:
             await conn.send_command("PING")
             pings.append(now)
             await asyncio.sleep(self._interval)
+
+    async def _watch_master(self, master_changed: MasterChanged) -> None:
+        """Sentinel mode: a promoted replica takes writes at once, while the old master may
+        take them too until the sentinels reconfigure it (seconds later), and those are lost.
+        Asking the sentinels every interval bounds that window: on a change the cache goes,
+        this connection follows the new master and the data pool drops its connections."""
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                async with asyncio.timeout(self._timeout):
+                    changed = await master_changed()
+            except (RedisError, OSError, TimeoutError):
+                continue  # the sentinels unreachable say nothing about the master
+            if changed:
+                raise TrackingLost("the sentinels named another master")
 
     def _confirm(self, index: int, sent_at: float) -> None:
         self._confirmed[index] = sent_at

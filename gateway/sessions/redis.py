@@ -168,6 +168,9 @@ class RedisSessionStore:
                 open_connections=self._topology.open_tracking_connections,
                 timeout=timeout,
                 lease=cache_lease,
+                master_changed=(
+                    self._topology.master_changed if self._topology.mode == "sentinel" else None
+                ),
             )
         self._local_locks: dict[str, _LocalLock] = {}
         self._held: dict[str, str] = {}

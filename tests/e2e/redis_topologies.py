@@ -63,11 +63,18 @@ class RedisNode:
         else:
             command = ["redis-server", *base, "--save", "", "--appendonly", "no", *args]
         self.log = self.dir / "log"
-        with self.log.open("wb") as log:  # read it when a node does not come up
-            self._proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
-            )
+        self._command = command
+        self._start()
         started.append(self)  # stopped on exit even if the topology never comes up
+        self._wait_up()
+
+    def _start(self) -> None:
+        with self.log.open("ab") as log:  # read it when a node does not come up
+            self._proc = subprocess.Popen(
+                self._command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def _wait_up(self) -> None:
         try:
             wait_for(lambda: self.cli("PING") == "PONG", f"redis on {self.port}")
         except RuntimeError as exc:
@@ -86,6 +93,12 @@ class RedisNode:
 
     def resume(self) -> None:
         self._proc.send_signal(signal.SIGCONT)
+
+    def restart(self) -> None:
+        """Kill and start again on the same port, empty (no persistence)."""
+        self.kill()
+        self._start()
+        self._wait_up()
 
     def kill(self) -> None:
         if self.alive:
@@ -138,10 +151,18 @@ class SentinelTopology:
         reply = self.sentinels[0].cli("SENTINEL", "GET-MASTER-ADDR-BY-NAME", MASTER).split()
         return int(reply[1])
 
+    def current_master(self) -> RedisNode:
+        """The node the sentinels name master now (roles swap on each failover)."""
+        port = self.master_port()
+        return self.master if self.master.port == port else self.replica
+
+    def current_replica(self) -> RedisNode:
+        return self.replica if self.current_master() is self.master else self.master
+
     def is_replicated(self) -> bool:
         """The replica has everything the master wrote so far."""
-        master = _info(self.master.cli("INFO", "replication"))
-        replica = _info(self.replica.cli("INFO", "replication"))
+        master = _info(self.current_master().cli("INFO", "replication"))
+        replica = _info(self.current_replica().cli("INFO", "replication"))
         return master.get("master_repl_offset") == replica.get("slave_repl_offset")
 
     def wait_failed_over(self, within: float = 60.0) -> None:
