@@ -262,7 +262,7 @@ async def soak(
     started = time.monotonic()
     with (
         start_idp(rotate=True, at_ttl=4) as idp,
-        sentinel_topology() as topology,
+        sentinel_topology(min_replicas_to_write=1) as topology,
         start_upstreams(idp) as upstreams,
         Soak(idp, topology, upstreams, settle=settle).running() as run,
     ):

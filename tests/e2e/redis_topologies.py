@@ -116,10 +116,15 @@ class RedisNode:
 class SentinelTopology:
     """One master, one replica, three sentinels (quorum 2) watching ``MASTER``."""
 
-    def __init__(self, started: list[RedisNode], workdir: Path) -> None:
-        self.master = RedisNode(started, workdir)
+    def __init__(
+        self, started: list[RedisNode], workdir: Path, *, min_replicas_to_write: int = 0
+    ) -> None:
+        # min-replicas-to-write 1: a master whose replica left (promoted by the sentinels)
+        # refuses writes instead of acknowledging ones the failover will drop (README).
+        fenced = ("--min-replicas-to-write", str(min_replicas_to_write))
+        self.master = RedisNode(started, workdir, *fenced)
         self.replica = RedisNode(
-            started, workdir, "--replicaof", "127.0.0.1", str(self.master.port)
+            started, workdir, *fenced, "--replicaof", "127.0.0.1", str(self.master.port)
         )
         monitor = [
             f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2",
@@ -269,11 +274,13 @@ class ClusterTopology:
 
 
 @contextlib.contextmanager
-def sentinel_topology() -> Iterator[SentinelTopology]:
+def sentinel_topology(*, min_replicas_to_write: int = 0) -> Iterator[SentinelTopology]:
     started: list[RedisNode] = []
     with tempfile.TemporaryDirectory(prefix="gw-sentinel-") as workdir:
         try:
-            yield SentinelTopology(started, Path(workdir))
+            yield SentinelTopology(
+                started, Path(workdir), min_replicas_to_write=min_replicas_to_write
+            )
         finally:
             for node in started:
                 node.stop()
