@@ -123,6 +123,17 @@ class CachedToken:
         return cls(**json.loads(raw))
 
 
+class _LoadLater:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LOAD_LATER"
+
+
+# ``load_now``'s answer when it cannot answer without IO: the caller awaits ``load`` instead.
+LOAD_LATER = _LoadLater()
+
+
 class SessionStore(Protocol):
     """Where sessions, pending logins and shared access tokens live.
 
@@ -150,8 +161,11 @@ class SessionStore(Protocol):
     async def load(self, session_id: str) -> Session | None:
         """The live session, or None when missing, idle-expired or past its absolute expiry.
 
-        A store that answers without IO may also offer ``load_now(session_id)``: the same
-        answer, not a coroutine (the memory store does); SessionManager then reads through it.
+        A store that can often answer without IO may also offer ``load_now(session_id)``: the
+        same answer, not a coroutine, or LOAD_LATER when it would have to wait (the memory
+        store never does; the Redis store on a miss of its tracked cache). SessionManager
+        reads through it. A session from ``load_now`` may be shared with other requests:
+        only ``last_seen`` is ever set on it (by SessionManager, before ``touch``).
         """
 
     async def touch(self, session: Session) -> None:

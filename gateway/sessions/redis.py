@@ -52,9 +52,9 @@ from ..retry_after import cap_retry_after
 from . import _redis_scripts as scripts
 from ._client_cache import MISS, ClientCache
 from ._redis_connect import RedisEndpoints, connect, endpoints_of
-from ._session_cache import SessionCache, copy_session
+from ._session_cache import SessionCache
 from ._tracking import InvalidationTracker
-from .base import CachedToken, Session
+from .base import LOAD_LATER, CachedToken, Session, _LoadLater
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -72,8 +72,8 @@ MAX_PENDING_LOGINS = 10_000  # the default of session.max_pending_logins
 CACHE_SIZE = 100_000  # the default of session.redis_cache_size
 CACHE_LEASE = 1.0  # the default of session.redis_cache_lease
 
-# A cached ``sess`` key: (decoded session, idle deadline, last seen), or None (no such key).
-_SessionEntry = tuple[Session | None, float, float | None]
+# A cached ``sess`` key: (decoded session with its last_seen, idle deadline), or None (no key).
+_SessionEntry = tuple[Session | None, float]
 
 
 def _digest(value: str) -> str:
@@ -253,13 +253,27 @@ class RedisSessionStore:
                 retry_after=_RETRY_AFTER,
             )
 
-    async def load(self, session_id: str) -> Session | None:
-        key = self._key("sess", session_id)
-        cached = self._cache.get(key)
+    def load_now(self, session_id: str) -> Session | _LoadLater | None:
+        """``load`` answered by the tracked cache without a coroutine, else LOAD_LATER.
+
+        The session is the cached object itself, shared by the requests that read it: its
+        claims are immutable (``Session.compact``) and only ``last_seen`` is ever set on it
+        (SessionManager, just before a ``touch`` that drops it from the cache)."""
         # Under the refresh lock, always Redis: the holder before us (maybe another instance)
         # saved a rotated refresh token, and its invalidation may not have arrived yet.
-        if cached is not MISS and session_id not in self._held:
-            return self._from_entry(key, cached)  # type: ignore[arg-type]
+        if session_id in self._held:
+            return LOAD_LATER
+        key = self._key("sess", session_id)
+        cached = self._cache.get(key)
+        if cached is MISS:
+            return LOAD_LATER
+        return self._from_entry(key, cached)  # type: ignore[arg-type]
+
+    async def load(self, session_id: str) -> Session | None:
+        found = self.load_now(session_id)
+        if not isinstance(found, _LoadLater):
+            return found
+        key = self._key("sess", session_id)
         if self.tracker is not None:
             self.tracker.ensure_started()
         ticket = self._cache.begin(key)
@@ -609,21 +623,22 @@ class RedisSessionStore:
             self._decoded.discard(key)
             return None
         session = self._decoded.open(key, blob, self._decrypt_session)  # a private copy
-        return (session, deadline, seen)
+        if session is not None:
+            session.compact()  # immutable claims: the entry is shared (``load_now``)
+            if seen is not None:
+                session.last_seen = seen
+        return (session, deadline)
 
     def _from_entry(self, key: str, entry: _SessionEntry | None) -> Session | None:
-        """A private copy of the live session of a cache entry, else None."""
+        """The live session of a cache entry (shared, see ``load_now``), else None."""
         if entry is None:
             return None
-        shared, deadline, seen = entry
+        session, deadline = entry
         now = self._clock()
-        if shared is None or now >= deadline or shared.is_expired(now):
+        if session is None or now >= deadline or session.is_expired(now):
             self._decoded.discard(key)  # no dead session lingers in either cache
             self._cache.discard(key)
             return None
-        session = copy_session(shared)
-        if seen is not None:
-            session.last_seen = seen
         return session
 
     def _index_keys(self, session: Session) -> list[str]:

@@ -26,10 +26,9 @@ from redis.asyncio import Redis
 from gateway.crypto import SessionCipher
 from gateway.errors import ConfigError, SessionEnded, SessionStoreUnavailable
 from gateway.sessions import CachedToken, Session
+from gateway.sessions.base import LOAD_LATER
 from gateway.sessions.redis import DECODED_CACHE_SIZE, MAX_PENDING_LOGINS, RedisSessionStore
 from gateway.settings import Settings
-
-from .fakes import scribble_on
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 OLD_KEY = "old-secret-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -418,21 +417,44 @@ async def test_redis_store_idle_expired_session_is_dropped_from_the_cache() -> N
         assert len(store._decoded) == 0
 
 
-async def test_redis_store_loaded_sessions_do_not_share_mutations(
+async def test_redis_store_tracked_hits_share_one_session_with_immutable_claims(
     store: RedisSessionStore,
 ) -> None:
+    # As the memory store: a hit hands out the cached object itself (no copy per request);
+    # its claims cannot be changed, and only last_seen is ever set on it (before a touch,
+    # which drops it from the cache).
+    await cache_live(store)
+    session = make_session()
+    await store.save(session)
+
+    async def cached() -> bool:
+        return await store.load(session.id) is not None and len(store._cache) > 0
+
+    await until(cached)
+    first, second = await store.load(session.id), store.load_now(session.id)
+    assert first is not None and second is first
+    with pytest.raises(TypeError):
+        first.claims["email"] = "mallory@example.com"  # type: ignore[index]
+    assert first.claims == {"email": "alice@example.com"}
+    await store.touch(first)
+    assert store.load_now(session.id) is LOAD_LATER  # the touch dropped the shared entry
+
+
+async def test_redis_store_loaded_sessions_from_redis_do_not_share_mutations(
+    store: RedisSessionStore,
+) -> None:
+    # Without the tracked cache (not live yet) every load is a private copy.
+    store._cache.valid_until = 0.0
     session = make_session()
     await store.save(session)
     decoded = await store.load(session.id)
-    cached = await store.load(session.id)
-    assert decoded is not None and cached is not None
-    for mine in (decoded, cached):  # none of it may reach another request's session
-        scribble_on(mine)
+    again = await store.load(session.id)
+    assert decoded is not None and again is not None and again is not decoded
+    decoded.last_seen = 1.0
+    decoded.refresh_token = "RT-changed"
     later = await store.load(session.id)
-    assert later is not None and later is not decoded and later is not cached
+    assert later is not None and later.refresh_token == session.refresh_token
     assert later.last_seen == session.last_seen
-    assert (later.refresh_token, later.rt_version) == (session.refresh_token, 0)
-    assert later.claims == {"email": "alice@example.com"}
 
 
 async def test_redis_store_decoded_cache_is_bounded(decrypts: list[bytes]) -> None:
@@ -894,3 +916,34 @@ async def test_redis_store_tracked_tokens_are_invalidated_too() -> None:
             return await a.get_token(session.id, "k") == new
 
         await until(replaced)
+
+
+async def test_redis_store_master_named_anew_by_the_sentinels_drops_the_cache() -> None:
+    # Sentinel mode asks the sentinels every lease / 4; a new master means the cache (and the
+    # connection carrying its invalidations) belonged to the old one.
+    async with redis_store() as store:
+        assert store.tracker is not None
+        moved = [False]
+
+        async def master_changed() -> bool:
+            answer, moved[0] = moved[0], False
+            return answer
+
+        store.tracker._master_changed = master_changed
+        await cache_live(store)
+        session = make_session()
+        await store.save(session)
+
+        async def cached() -> bool:
+            return await store.load(session.id) is not None and len(store._cache) > 0
+
+        await until(cached)
+        resets = store.tracker.resets
+        moved[0] = True
+
+        async def dropped() -> bool:
+            return store.tracker is not None and store.tracker.resets > resets
+
+        await until(dropped)
+        assert len(store._cache) == 0
+        await cache_live(store)  # following the (new) master again
