@@ -12,6 +12,7 @@ import pytest
 from gateway.crypto import SessionCipher
 from gateway.errors import SessionEnded, SessionStoreUnavailable, TooManyPendingLogins
 from gateway.sessions import CachedToken, MemorySessionStore, Session, SessionStore
+from gateway.sessions.base import LOAD_LATER
 from gateway.sessions.manager import SessionManager
 from tests.unit.test_redis_store import redis_store
 
@@ -396,7 +397,7 @@ async def test_memory_store_load_now_answers_as_load() -> None:
 
 
 class _LoadOnly:
-    """A store that reads only through ``load`` (as the Redis store): no ``load_now``."""
+    """A store that reads only through ``load``: no ``load_now``."""
 
     def __init__(self, inner: MemorySessionStore) -> None:
         self._inner = inner
@@ -413,6 +414,13 @@ class _LoadOnly:
         return getattr(self._inner, name)
 
 
+class _CacheMiss(_LoadOnly):
+    """A store whose ``load_now`` cannot answer now (the Redis store on a cache miss)."""
+
+    def load_now(self, session_id: str) -> object:
+        return LOAD_LATER
+
+
 async def test_session_manager_reads_without_a_coroutine_only_where_the_store_can() -> None:
     key = "k" * 48
     settings = make_settings(session={"secret_key": [key]})
@@ -424,7 +432,8 @@ async def test_session_manager_reads_without_a_coroutine_only_where_the_store_ca
 
     read_now = MemorySessionStore(idle_timeout=IDLE)
     read_now.load = never_awaited  # type: ignore[method-assign]
-    for store, loads_through_load in ((read_now, False), (_LoadOnly(memory), True)):
+    cases = ((read_now, False), (_LoadOnly(memory), True), (_CacheMiss(memory), True))
+    for store, loads_through_load in cases:
         manager = SessionManager(settings, store, cipher)  # type: ignore[arg-type]
         session, set_cookie = await manager.create(
             sub="alice", sid="s1", refresh_token="rt", id_token=None, claims={"sub": "alice"}
