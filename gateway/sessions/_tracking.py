@@ -10,7 +10,9 @@ A PING every ``lease / 4`` proves the connection live: the PONG of a PING sent a
 invalidation produced before t was read (one ordered connection), so the cache may serve hits
 until ``t + lease`` (``ClientCache.valid_until``). A dropped or silent connection, an error, a
 topology change (a node's connection drops on failover): the whole cache is dropped, and the
-tracker reconnects, with backoff, to whatever the topology is then.
+tracker reconnects, with backoff, to whatever the topology is then. In sentinel mode it also
+asks the sentinels for the master every second (``_watch_master``): a failover the old master's
+connection does not notice yet is a topology change too.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ logger = logging.getLogger("gateway.sessions")
 _CHANNEL = b"__redis__:invalidate"
 _RETRY_MIN = 0.05
 _RETRY_MAX = 2.0
+# How often sentinel mode asks the sentinels for the master (one query per instance and
+# process each time: kept at one a second for fleets of many processes).
+MASTER_CHECK_INTERVAL = 1.0
 
 OpenConnections = Callable[[], Awaitable[list[Connection]]]
 # True when the master changed since the last call (sentinel mode; see ``_redis_connect``).
@@ -191,7 +196,7 @@ class InvalidationTracker:
         Asking the sentinels every interval bounds that window: on a change the cache goes,
         this connection follows the new master and the data pool drops its connections."""
         while True:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
             try:
                 async with asyncio.timeout(self._timeout):
                     changed = await master_changed()

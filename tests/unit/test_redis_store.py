@@ -919,7 +919,7 @@ async def test_redis_store_tracked_tokens_are_invalidated_too() -> None:
 
 
 async def test_redis_store_master_named_anew_by_the_sentinels_drops_the_cache() -> None:
-    # Sentinel mode asks the sentinels every lease / 4; a new master means the cache (and the
+    # Sentinel mode asks the sentinels every second; a new master means the cache (and the
     # connection carrying its invalidations) belonged to the old one.
     async with redis_store() as store:
         assert store.tracker is not None
