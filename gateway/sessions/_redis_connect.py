@@ -25,13 +25,25 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException, RedisError
 
 if TYPE_CHECKING:
     from ..settings import Settings
 
-__all__ = ["RedisEndpoints", "RedisMode", "RedisTopology", "connect", "endpoints_of"]
+__all__ = [
+    "REDIS_ERRORS",
+    "RedisEndpoints",
+    "RedisMode",
+    "RedisTopology",
+    "connect",
+    "endpoints_of",
+]
 
 RedisMode = Literal["standalone", "sentinel", "cluster"]
+
+# What redis-py raises when Redis cannot answer. The cluster client's own errors (no reachable
+# node, a slot no master covers during a failover, refused credentials) are not RedisErrors.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
 @dataclass(frozen=True)

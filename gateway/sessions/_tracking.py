@@ -27,9 +27,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Connection
-from redis.exceptions import RedisError
 
 from ._client_cache import ClientCache
+from ._redis_connect import REDIS_ERRORS
 
 __all__ = ["InvalidationTracker"]
 
@@ -119,7 +119,7 @@ class InvalidationTracker:
                     await asyncio.gather(*tasks, return_exceptions=True)
                 for task in done:
                     task.result()  # raises what ended it
-            except (RedisError, OSError, TimeoutError, TrackingLost) as exc:
+            except (*REDIS_ERRORS, TrackingLost) as exc:
                 logger.warning(
                     "client-side cache off: invalidation connection lost (%s); reconnecting",
                     type(exc).__name__,
@@ -200,7 +200,7 @@ class InvalidationTracker:
             try:
                 async with asyncio.timeout(self._timeout):
                     changed = await master_changed()
-            except (RedisError, OSError, TimeoutError):
+            except REDIS_ERRORS:
                 continue  # the sentinels unreachable say nothing about the master
             if changed:
                 raise TrackingLost("the sentinels named another master")

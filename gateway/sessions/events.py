@@ -25,9 +25,7 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from redis.exceptions import RedisError
-
-from ._redis_connect import RedisEndpoints, RedisTopology, endpoints_of
+from ._redis_connect import REDIS_ERRORS, RedisEndpoints, RedisTopology, endpoints_of
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -131,7 +129,7 @@ class RedisSessionEvents:
                     await self._redis.spublish(self.channel, message)
                 else:
                     await self._redis.publish(self.channel, message)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             # The session is already deleted from the store; only other instances' open
             # connections miss the news (see the module docstring).
             logger.warning("could not publish a session end (%s)", type(exc).__name__)
@@ -165,11 +163,11 @@ class RedisSessionEvents:
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self._deliver(message.get("data"))
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self._subscribed.clear()
                 logger.warning("session-end subscription lost (%s); retrying", type(exc).__name__)
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX)

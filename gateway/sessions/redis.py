@@ -44,14 +44,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
-from redis.exceptions import RedisError
-
 from ..crypto import DecryptionFailed, SessionCipher
 from ..errors import ConfigError, SessionEnded, SessionStoreUnavailable, TooManyPendingLogins
 from ..retry_after import cap_retry_after
 from . import _redis_scripts as scripts
 from ._client_cache import MISS, ClientCache
-from ._redis_connect import RedisEndpoints, connect, endpoints_of
+from ._redis_connect import REDIS_ERRORS, RedisEndpoints, connect, endpoints_of
 from ._session_cache import SessionCache
 from ._tracking import InvalidationTracker
 from .base import LOAD_LATER, CachedToken, Session, _LoadLater
@@ -688,7 +686,7 @@ class RedisSessionStore:
         try:
             async with asyncio.timeout(self._timeout):
                 yield
-        except (RedisError, OSError, TimeoutError) as exc:
+        except REDIS_ERRORS as exc:
             raise SessionStoreUnavailable(
                 f"session store unavailable during {operation} ({type(exc).__name__})",
                 retry_after=_RETRY_AFTER,

@@ -17,6 +17,18 @@ from pathlib import Path
 from .servers import free_port
 
 MASTER = "gwtest"
+# An ACL user for the gateway beside the default one (which the helpers and the replication
+# keep using): its password, and only the keys under the test prefixes.
+ACL_USER = ("gw", "gw-acl-secret")
+
+
+def _acl_args(acl: bool) -> tuple[str, ...]:
+    if not acl:
+        return ()
+    name, password = ACL_USER
+    return ("--user", name, "on", f">{password}", "~gwtest-*", "&*", "+@all")
+
+
 _START_WAIT = 20.0
 
 
@@ -117,11 +129,16 @@ class SentinelTopology:
     """One master, one replica, three sentinels (quorum 2) watching ``MASTER``."""
 
     def __init__(
-        self, started: list[RedisNode], workdir: Path, *, min_replicas_to_write: int = 0
+        self,
+        started: list[RedisNode],
+        workdir: Path,
+        *,
+        min_replicas_to_write: int = 0,
+        acl: bool = False,
     ) -> None:
         # min-replicas-to-write 1: a master whose replica left (promoted by the sentinels)
         # refuses writes instead of acknowledging ones the failover will drop (README).
-        fenced = ("--min-replicas-to-write", str(min_replicas_to_write))
+        fenced = ("--min-replicas-to-write", str(min_replicas_to_write), *_acl_args(acl))
         self.master = RedisNode(started, workdir, *fenced)
         self.replica = RedisNode(
             started, workdir, *fenced, "--replicaof", "127.0.0.1", str(self.master.port)
@@ -187,8 +204,8 @@ class SentinelTopology:
 class ClusterTopology:
     """Three masters with one replica each (``redis-cli --cluster create``)."""
 
-    def __init__(self, started: list[RedisNode], workdir: Path) -> None:
-        args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "1000")
+    def __init__(self, started: list[RedisNode], workdir: Path, *, acl: bool = False) -> None:
+        args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "1000", *_acl_args(acl))
         # The bus port defaults to port + 10000, past 65535 for a high ephemeral port.
         self.servers = [
             RedisNode(started, workdir, *args, "--cluster-port", str(free_port())) for _ in range(6)
@@ -274,12 +291,14 @@ class ClusterTopology:
 
 
 @contextlib.contextmanager
-def sentinel_topology(*, min_replicas_to_write: int = 0) -> Iterator[SentinelTopology]:
+def sentinel_topology(
+    *, min_replicas_to_write: int = 0, acl: bool = False
+) -> Iterator[SentinelTopology]:
     started: list[RedisNode] = []
     with tempfile.TemporaryDirectory(prefix="gw-sentinel-") as workdir:
         try:
             yield SentinelTopology(
-                started, Path(workdir), min_replicas_to_write=min_replicas_to_write
+                started, Path(workdir), min_replicas_to_write=min_replicas_to_write, acl=acl
             )
         finally:
             for node in started:
@@ -287,11 +306,11 @@ def sentinel_topology(*, min_replicas_to_write: int = 0) -> Iterator[SentinelTop
 
 
 @contextlib.contextmanager
-def cluster_topology() -> Iterator[ClusterTopology]:
+def cluster_topology(*, acl: bool = False) -> Iterator[ClusterTopology]:
     started: list[RedisNode] = []
     with tempfile.TemporaryDirectory(prefix="gw-cluster-") as workdir:
         try:
-            yield ClusterTopology(started, Path(workdir))
+            yield ClusterTopology(started, Path(workdir), acl=acl)
         finally:
             for node in started:
                 node.stop()

@@ -11,6 +11,7 @@ master (README, "Redis: the guarantee across a failover").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -30,6 +31,7 @@ from gateway.sessions.redis import RedisSessionStore
 
 from .gateway_harness import CSRF, GatewayUnderTest, run_gateway, start_upstreams
 from .redis_topologies import (
+    ACL_USER,
     MASTER,
     ClusterTopology,
     SentinelTopology,
@@ -308,6 +310,40 @@ async def test_sentinel_store_answers_unavailable_then_follows_the_new_master(
                 break
             await asyncio.sleep(0.1)
         assert store._cache.is_live
+
+
+@pytest.mark.parametrize("mode", ["sentinel", "cluster"])
+async def test_acl_user_works_in_each_mode(mode: str) -> None:
+    """The URL's ACL user (and only keys under the prefix) for data, scripts, the indexes and
+    the invalidation connections; a wrong password is a 503, not a crash."""
+    name, password = ACL_USER
+    with contextlib.ExitStack() as stack:
+        if mode == "sentinel":
+            plain = sentinel_endpoints(stack.enter_context(sentinel_topology(acl=True)))
+        else:
+            plain = cluster_endpoints(stack.enter_context(cluster_topology(acl=True)))
+        address = plain.url.removeprefix("redis://")
+        endpoints = replace(plain, url=f"redis://{name}:{password}@{address}")
+        prefix = f"gwtest-{uuid4().hex[:8]}:"
+        async with topology_store(endpoints, prefix) as store:
+            session = new_session()
+            await store.save(session)
+            await store.put_token(session.id, "api", CachedToken("at", time.time() + 60, "api"))
+            assert await store.find(sid="idp-sid") == [session.id]
+            await store.put_login("state", {"v": "1"}, ttl=60)
+            assert await store.pop_login("state") == {"v": "1"}
+            for _ in range(300):  # the invalidation connections authenticate too
+                if store._cache.is_live:
+                    break
+                await store.load(session.id)
+                await asyncio.sleep(0.05)
+            assert store._cache.is_live
+            assert await store.load(session.id) == session
+            assert await store.delete(session.id) == session
+        wrong = replace(plain, url=f"redis://{name}:not-the-password@{address}")
+        async with topology_store(wrong, prefix) as refused:
+            with pytest.raises(SessionStoreUnavailable):
+                await refused.load(session.id)
 
 
 # One exchange at a time across a failover (README: "the guarantee across a failover")

@@ -22,6 +22,7 @@ from uuid import uuid4
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisClusterUnreachableError, SlotNotCoveredError
 
 from gateway.crypto import SessionCipher
 from gateway.errors import ConfigError, SessionEnded, SessionStoreUnavailable
@@ -947,3 +948,21 @@ async def test_redis_store_master_named_anew_by_the_sentinels_drops_the_cache() 
         await until(dropped)
         assert len(store._cache) == 0
         await cache_live(store)  # following the (new) master again
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SlotNotCoveredError("slot 1 is not covered"), RedisClusterUnreachableError("no node")],
+)
+async def test_redis_store_cluster_client_errors_are_unavailable_not_500(
+    store: RedisSessionStore, error: Exception
+) -> None:
+    # The cluster client's own errors are not RedisErrors (a failover leaves a slot uncovered
+    # for a moment; every node unreachable; refused credentials).
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    store._redis.hmget = failing
+    with pytest.raises(SessionStoreUnavailable) as unavailable:
+        await store.load("0" * 64)
+    assert unavailable.value.retry_after is not None
