@@ -116,7 +116,12 @@ class RedisTopology:
                 "password": endpoints.sentinel_password,
             }
             if ssl:
+                # The sentinels speak TLS like the servers they watch: same CA, client
+                # certificate and checks (the URL's ssl_* options), not their credentials.
                 sentinel_kwargs["ssl"] = True
+                sentinel_kwargs.update(
+                    {k: v for k, v in url_kwargs.items() if k.startswith("ssl_")}
+                )
             self._sentinel = Sentinel(
                 [_address(a) for a in endpoints.sentinels], sentinel_kwargs=sentinel_kwargs
             )

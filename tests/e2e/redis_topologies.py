@@ -32,9 +32,41 @@ def _acl_args(acl: bool) -> tuple[str, ...]:
 _START_WAIT = 20.0
 
 
-def _cli(port: int, *args: str) -> str:
+def make_tls_files(directory: Path) -> Path:
+    """A private CA and a certificate for 127.0.0.1 signed by it (``ca.crt``, ``server.crt``,
+    ``server.key`` in ``directory``)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, capture_output=True, check=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.crt", "-days", "2", "-subj", "/CN=gateway test CA")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext")  # fmt: skip
+    return directory
+
+
+def _tls_args(tls: Path | None, port: int, cluster: bool = False) -> list[str]:
+    if tls is None:
+        return ["--port", str(port)]
+    return [
+        "--port", "0", "--tls-port", str(port),
+        "--tls-cert-file", str(tls / "server.crt"), "--tls-key-file", str(tls / "server.key"),
+        "--tls-ca-cert-file", str(tls / "ca.crt"), "--tls-auth-clients", "no",
+        "--tls-replication", "yes", *(["--tls-cluster", "yes"] if cluster else []),
+    ]  # fmt: skip
+
+
+def _cli_tls(tls: Path | None) -> list[str]:
+    return [] if tls is None else ["--tls", "--cacert", str(tls / "ca.crt")]
+
+
+def _cli(port: int, *args: str, tls: Path | None = None) -> str:
     result = subprocess.run(
-        ["redis-cli", "-p", str(port), *args],
+        ["redis-cli", *_cli_tls(tls), "-p", str(port), *args],
         capture_output=True,
         text=True,
         timeout=10,
@@ -59,13 +91,20 @@ class RedisNode:
     """One redis-server (or sentinel) process."""
 
     def __init__(
-        self, started: list[RedisNode], workdir: Path, *args: str, sentinel: bool = False
+        self,
+        started: list[RedisNode],
+        workdir: Path,
+        *args: str,
+        sentinel: bool = False,
+        tls: Path | None = None,
     ) -> None:
         self.port = free_port()
         self.dir = workdir / str(self.port)
         self.dir.mkdir()
         self.sentinel = sentinel
-        base = ["--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        self.tls = tls
+        cluster = "--cluster-enabled" in args
+        base = [*_tls_args(tls, self.port, cluster), "--bind", "127.0.0.1", "--dir", str(self.dir)]
         if sentinel:
             conf = self.dir / "sentinel.conf"
             conf.write_text("\n".join(args) + "\n")
@@ -93,7 +132,7 @@ class RedisNode:
             raise RuntimeError(f"{exc}:\n{self.log.read_text(errors='replace')[-2000:]}") from None
 
     def cli(self, *args: str) -> str:
-        return _cli(self.port, *args)
+        return _cli(self.port, *args, tls=self.tls)
 
     @property
     def alive(self) -> bool:
@@ -135,13 +174,14 @@ class SentinelTopology:
         *,
         min_replicas_to_write: int = 0,
         acl: bool = False,
+        tls: Path | None = None,
     ) -> None:
         # min-replicas-to-write 1: a master whose replica left (promoted by the sentinels)
         # refuses writes instead of acknowledging ones the failover will drop (README).
         fenced = ("--min-replicas-to-write", str(min_replicas_to_write), *_acl_args(acl))
-        self.master = RedisNode(started, workdir, *fenced)
+        self.master = RedisNode(started, workdir, *fenced, tls=tls)
         self.replica = RedisNode(
-            started, workdir, *fenced, "--replicaof", "127.0.0.1", str(self.master.port)
+            started, workdir, *fenced, "--replicaof", "127.0.0.1", str(self.master.port), tls=tls
         )
         monitor = [
             f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2",
@@ -149,7 +189,9 @@ class SentinelTopology:
             f"sentinel failover-timeout {MASTER} 5000",
             f"sentinel parallel-syncs {MASTER} 1",
         ]
-        self.sentinels = [RedisNode(started, workdir, *monitor, sentinel=True) for _ in range(3)]
+        self.sentinels = [
+            RedisNode(started, workdir, *monitor, sentinel=True, tls=tls) for _ in range(3)
+        ]
         wait_for(
             lambda: "master_link_status:up" in self.replica.cli("INFO", "replication"),
             "the replica to sync",
@@ -204,15 +246,19 @@ class SentinelTopology:
 class ClusterTopology:
     """Three masters with one replica each (``redis-cli --cluster create``)."""
 
-    def __init__(self, started: list[RedisNode], workdir: Path, *, acl: bool = False) -> None:
+    def __init__(
+        self, started: list[RedisNode], workdir: Path, *, acl: bool = False, tls: Path | None = None
+    ) -> None:
         args = ("--cluster-enabled", "yes", "--cluster-node-timeout", "1000", *_acl_args(acl))
         # The bus port defaults to port + 10000, past 65535 for a high ephemeral port.
         self.servers = [
-            RedisNode(started, workdir, *args, "--cluster-port", str(free_port())) for _ in range(6)
+            RedisNode(started, workdir, *args, "--cluster-port", str(free_port()), tls=tls)
+            for _ in range(6)
         ]
         subprocess.run(
             [
                 "redis-cli",
+                *_cli_tls(tls),
                 "--cluster",
                 "create",
                 *[f"127.0.0.1:{n.port}" for n in self.servers],
@@ -292,13 +338,17 @@ class ClusterTopology:
 
 @contextlib.contextmanager
 def sentinel_topology(
-    *, min_replicas_to_write: int = 0, acl: bool = False
+    *, min_replicas_to_write: int = 0, acl: bool = False, tls: bool = False
 ) -> Iterator[SentinelTopology]:
     started: list[RedisNode] = []
     with tempfile.TemporaryDirectory(prefix="gw-sentinel-") as workdir:
         try:
             yield SentinelTopology(
-                started, Path(workdir), min_replicas_to_write=min_replicas_to_write, acl=acl
+                started,
+                Path(workdir),
+                min_replicas_to_write=min_replicas_to_write,
+                acl=acl,
+                tls=make_tls_files(Path(workdir)) if tls else None,
             )
         finally:
             for node in started:
@@ -306,11 +356,12 @@ def sentinel_topology(
 
 
 @contextlib.contextmanager
-def cluster_topology(*, acl: bool = False) -> Iterator[ClusterTopology]:
+def cluster_topology(*, acl: bool = False, tls: bool = False) -> Iterator[ClusterTopology]:
     started: list[RedisNode] = []
     with tempfile.TemporaryDirectory(prefix="gw-cluster-") as workdir:
         try:
-            yield ClusterTopology(started, Path(workdir), acl=acl)
+            tls_files = make_tls_files(Path(workdir)) if tls else None
+            yield ClusterTopology(started, Path(workdir), acl=acl, tls=tls_files)
         finally:
             for node in started:
                 node.stop()

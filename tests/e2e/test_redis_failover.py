@@ -312,18 +312,25 @@ async def test_sentinel_store_answers_unavailable_then_follows_the_new_master(
         assert store._cache.is_live
 
 
+@pytest.mark.parametrize("tls", [False, True], ids=["acl", "acl+tls"])
 @pytest.mark.parametrize("mode", ["sentinel", "cluster"])
-async def test_acl_user_works_in_each_mode(mode: str) -> None:
-    """The URL's ACL user (and only keys under the prefix) for data, scripts, the indexes and
-    the invalidation connections; a wrong password is a 503, not a crash."""
+async def test_acl_user_and_tls_work_in_each_mode(mode: str, tls: bool) -> None:
+    """The URL's ACL user (and only keys under the prefix), over TLS with a private CA named in
+    the URL, for data, scripts, the indexes, the sentinels and the invalidation connections; a
+    wrong password is a 503, not a crash."""
     name, password = ACL_USER
     with contextlib.ExitStack() as stack:
         if mode == "sentinel":
-            plain = sentinel_endpoints(stack.enter_context(sentinel_topology(acl=True)))
+            sentinel = stack.enter_context(sentinel_topology(acl=True, tls=tls))
+            plain, ca = sentinel_endpoints(sentinel), sentinel.master.tls
         else:
-            plain = cluster_endpoints(stack.enter_context(cluster_topology(acl=True)))
+            cluster = stack.enter_context(cluster_topology(acl=True, tls=tls))
+            plain, ca = cluster_endpoints(cluster), cluster.servers[0].tls
         address = plain.url.removeprefix("redis://")
-        endpoints = replace(plain, url=f"redis://{name}:{password}@{address}")
+        scheme, query = "redis", ""
+        if ca is not None:
+            scheme, query = "rediss", f"?ssl_ca_certs={ca / 'ca.crt'}"
+        endpoints = replace(plain, url=f"{scheme}://{name}:{password}@{address}{query}")
         prefix = f"gwtest-{uuid4().hex[:8]}:"
         async with topology_store(endpoints, prefix) as store:
             session = new_session()
@@ -340,7 +347,7 @@ async def test_acl_user_works_in_each_mode(mode: str) -> None:
             assert store._cache.is_live
             assert await store.load(session.id) == session
             assert await store.delete(session.id) == session
-        wrong = replace(plain, url=f"redis://{name}:not-the-password@{address}")
+        wrong = replace(endpoints, url=endpoints.url.replace(password, "not-the-password"))
         async with topology_store(wrong, prefix) as refused:
             with pytest.raises(SessionStoreUnavailable):
                 await refused.load(session.id)
