@@ -45,7 +45,8 @@ def make_tls_files(directory: Path) -> Path:
             "server.csr", "-subj", "/CN=127.0.0.1")  # fmt: skip
     (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
     openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "san.ext")  # fmt: skip
+            "-CAcreateserial", "-out", "server.crt", "-days", "2",
+            "-extfile", "san.ext")  # fmt: skip
     return directory
 
 
