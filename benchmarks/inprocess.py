@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import os
 import pstats
 import time
 from collections.abc import AsyncIterator
@@ -164,10 +165,23 @@ def _scope(path: str, cookie: str) -> dict[str, Any]:
     }
 
 
-async def _prepare(upstream_url: str | None, *, dpop: bool = False) -> tuple[Any, str]:
-    """The app and a session cookie with a cached token; ``dpop``: tokens.dpop required, the
-    session's key made at login and its cached token DPoP-bound (a proof per request)."""
+async def _prepare(
+    upstream_url: str | None, redis_url: str | None = None, *, dpop: bool = False
+) -> tuple[Any, str]:
+    """The app and a session cookie with a cached token; ``redis_url``: the Redis store with
+    its tracked cache; ``dpop``: tokens.dpop required, the session's key made at login and its
+    cached token DPoP-bound (a proof per request)."""
     settings = dict(_SETTINGS)
+    if redis_url:
+        # The Redis store with its tracked cache: a hit makes no round trip (the prefix is
+        # this run's own; its keys expire with the session's idle timeout).
+        settings["session"] = {
+            "store": "redis",
+            "redis_url": redis_url,
+            "redis_key_prefix": f"gw-inprocess-{os.getpid()}-{time.time_ns()}:",
+            "secret_key": ["inprocess-benchmark-secret-key-0123456789"],
+            "idle_timeout": 600,
+        }
     if upstream_url:
         settings["routes"] = [dict(r, upstream=upstream_url) for r in _SETTINGS["routes"]]
     if dpop:
@@ -189,6 +203,13 @@ async def _prepare(upstream_url: str | None, *, dpop: bool = False) -> tuple[Any
     value = "at" if not dpop else DPoPBound("e" * 800)
     token = CachedToken(access_token=value, expires_at=time.time() + 3600, audience=API)
     gw.broker._cache.put((session.id, API, ""), token)
+    tracker = getattr(gw.store, "tracker", None)
+    if tracker is not None:  # wait until the tracked cache serves hits
+        await gw.store.load(session.id)
+        deadline = time.monotonic() + 10
+        while not gw.store._cache.is_live and time.monotonic() < deadline:  # noqa: ASYNC110 (polls another object's state)
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # our own save's invalidation comes back
     return app, cookie
 
 
@@ -212,8 +233,8 @@ async def _run(app: Any, scope: dict[str, Any], count: int) -> float:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    app, cookie = await _prepare(args.upstream)
-    dpop_app, dpop_cookie = await _prepare(args.upstream, dpop=True)
+    app, cookie = await _prepare(args.upstream, args.redis)
+    dpop_app, dpop_cookie = await _prepare(args.upstream, args.redis, dpop=True)
     bare: Any = BareInProcess()
     if args.upstream:
         from .bare_proxy import BareProxy  # the benchmark's bare proxy app itself
@@ -255,6 +276,7 @@ def main() -> None:
         help="a real upstream (e.g. nginx serving /small.json): the gateway's aiohttp client "
         "and benchmarks/bare_proxy.py's app instead of the instant fake",
     )
+    parser.add_argument("--redis", help="a Redis URL: the gateway on the Redis store")
     args = parser.parse_args()
     try:
         import uvloop

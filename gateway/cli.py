@@ -9,6 +9,7 @@ import gc
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--host", help="bind address (default server.host)")
     run.add_argument("--port", type=int, help="bind port (default server.port)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes sharing the port (default 1; more than 1 needs session.store redis)",
+    )
     check = sub.add_parser("check", help="validate the configuration and print the route table")
     check.add_argument(
         "--config", help="YAML file (default $GATEWAY_CONFIG, then config/gateway.yaml)"
@@ -179,7 +186,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return manage_sessions(
             settings, args.action, sub=args.sub, sid=args.sid, handle=args.handle
         )
-    return serve(settings, host=args.host, port=args.port, config=args.config)
+    if args.workers < 1:
+        print("gateway: --workers must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.workers > 1:
+        problem = workers_problem(settings)
+        if problem is not None:
+            print(f"gateway: invalid configuration:\n{problem}", file=sys.stderr)
+            return EXIT_CONFIG
+        if args.config is not None:  # each worker loads the same file
+            os.environ["GATEWAY_CONFIG"] = args.config
+    return serve(settings, host=args.host, port=args.port, config=args.config, workers=args.workers)
 
 
 def manage_sessions(
@@ -230,14 +247,42 @@ async def _manage_sessions(
         await services.shutdown()
 
 
+def workers_problem(settings: Settings) -> str | None:
+    """Why ``settings`` cannot run in several worker processes, or None."""
+    if settings.session.store != "redis":
+        return (
+            "session.store: --workers > 1 needs the redis store (each worker process would "
+            "keep its own memory store: a session created by one would be unknown to the others)"
+        )
+    if settings.metrics.enabled and settings.metrics.port is not None:
+        return "metrics.port: one port cannot be bound by several workers; leave it unset"
+    return None
+
+
+def worker_app() -> object:
+    """The app of one worker process (``--workers`` > 1): uvicorn imports and calls this."""
+    from .app import create_app
+    from .observability import configure_logging
+
+    settings = load_settings(None)
+    configure_logging(settings.log)
+    # SIGHUP: uvicorn's supervisor restarts the workers, each reading the file again.
+    app = create_app(settings, settings_source=lambda: load_settings(None))
+    gc.collect()
+    gc.freeze()
+    keep_freed_memory()
+    return app
+
+
 def serve(
     settings: Settings,
     *,
     host: str | None = None,
     port: int | None = None,
     config: str | None = None,
+    workers: int = 1,
 ) -> int:
-    """Run the gateway under uvicorn until interrupted."""
+    """Run the gateway under uvicorn until interrupted (``workers`` processes, see above)."""
     import uvicorn
 
     from .app import create_app
@@ -247,6 +292,21 @@ def serve(
     # uvicorn refuses browser WebSocket messages over ws_max_size before the route's own limit
     # (websocket_max_message_bytes) is checked: let the largest route limit through.
     ws_limits = [r.websocket_max_message_bytes for r in settings.routes if r.websocket]
+    options: dict[str, object] = {
+        "host": host or settings.server.host,
+        "port": port if port is not None else settings.server.port,
+        "proxy_headers": False,
+        "server_header": False,
+        "timeout_graceful_shutdown": math.ceil(settings.server.graceful_timeout),
+        "ws_max_size": max([16 * 1024 * 1024, *ws_limits]) + 1,
+        "log_config": None,
+        "access_log": False,
+    }
+    if workers > 1:
+        # Each worker builds its own app (its own store client, caches and invalidation
+        # connection) from the same configuration: worker_app.
+        uvicorn.run("gateway.cli:worker_app", factory=True, workers=workers, **options)  # type: ignore[arg-type]
+        return EXIT_OK
     # SIGHUP reads the file (and the environment) again: reload.py.
     app = create_app(settings, settings_source=lambda: load_settings(config))
     # Everything built so far lives as long as the process: move it out of the collector's
@@ -260,17 +320,7 @@ def serve(
         logging.getLogger("gateway").info(
             "heap allocator left as it is (set by the environment, or not glibc)"
         )
-    uvicorn.run(
-        app,
-        host=host or settings.server.host,
-        port=port if port is not None else settings.server.port,
-        proxy_headers=False,
-        server_header=False,
-        timeout_graceful_shutdown=math.ceil(settings.server.graceful_timeout),
-        ws_max_size=max([16 * 1024 * 1024, *ws_limits]) + 1,
-        log_config=None,
-        access_log=False,
-    )
+    uvicorn.run(app, **options)  # type: ignore[arg-type]
     return EXIT_OK
 
 

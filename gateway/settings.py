@@ -222,6 +222,40 @@ class SessionSettings(_Section):
     redis_key_prefix: str = Field("gw:", description="Prefix of every Redis key.")
     redis_pool_size: int = Field(50, ge=1, description="Redis connection pool size.")
     redis_timeout: Duration = Field(2.0, description="Timeout of one Redis command.")
+    redis_mode: Literal["standalone", "sentinel", "cluster"] = Field(
+        "standalone",
+        description="standalone: redis_url names the server. sentinel: redis_sentinels find "
+        "the master redis_sentinel_master (redis_url gives scheme, user, password, db). "
+        "cluster: redis_url and redis_cluster_nodes are seed nodes.",
+    )
+    # NoDecode: the env var is a comma-separated list, not JSON.
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Sentinel addresses, host:port (sentinel mode)."
+    )
+    redis_sentinel_master: str = Field("mymaster", description="Master name (sentinel mode).")
+    redis_sentinel_username: str | None = Field(
+        None, description="ACL user of the sentinels themselves (if they require one)."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="GATEWAY_SESSION__REDIS_SENTINEL_PASSWORD: the sentinels' password."
+    )
+    redis_cluster_nodes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="More cluster seed nodes, host:port, besides redis_url's (cluster mode).",
+    )
+    redis_cache_size: int = Field(
+        100_000,
+        ge=0,
+        description="Sessions and token sets each instance keeps decoded, kept coherent by "
+        "Redis client tracking (a hit costs no round trip); 0 turns the cache off.",
+    )
+    redis_cache_lease: Duration = Field(
+        1.0,
+        gt=0,
+        description="A cache hit is served only while the invalidation connection answered a "
+        "PING sent less than this long ago: the bound on staleness if that connection is cut "
+        "off silently (a partition).",
+    )
     cookie_name: str = Field(
         "gw_session",
         pattern=r"^[A-Za-z0-9_\-]+$",
@@ -274,6 +308,37 @@ class SessionSettings(_Section):
         if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+    @field_validator("redis_sentinels", "redis_cluster_nodes", mode="before")
+    @classmethod
+    def _split_addresses(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [a.strip() for a in value.split(",") if a.strip()]
+        return value
+
+    @field_validator("redis_sentinels", "redis_cluster_nodes")
+    @classmethod
+    def _host_port(cls, value: list[str]) -> list[str]:
+        for address in value:
+            host, sep, port = address.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{address!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _mode_needs(self) -> SessionSettings:
+        if self.store != "redis":
+            return self
+        if self.redis_mode == "sentinel" and not self.redis_sentinels:
+            raise ValueError("redis_sentinels: required with redis_mode sentinel")
+        if self.redis_mode == "cluster":
+            if urlsplit(self.redis_url).scheme == "unix":
+                raise ValueError("redis_url: a cluster is reached over TCP, not unix://")
+            if "{" in self.redis_key_prefix or "}" in self.redis_key_prefix:
+                # Cluster hash tags are the first {...} of a key name: the prefix must not
+                # open one, or every key would hash to the same slot.
+                raise ValueError("redis_key_prefix: no braces with redis_mode cluster")
+        return self
 
 
 class TokenSettings(_Section):

@@ -399,11 +399,11 @@ def report_lines(
         "failed answers | refresh errors |",
         "|---|---|---:|---|",
     ]
-    for found in burst:
+    for burst_row in burst:
         lines.append(
-            f"| {found['target']} | {_exchanges(found['exchanges'])} (minimum: api 0, "
-            f"billing 1) | {found['failed']} of {found['requests']} | "
-            f"{found['refresh_errors'] or 'none'} |"
+            f"| {burst_row['target']} | {_exchanges(burst_row['exchanges'])} (minimum: api 0, "
+            f"billing 1) | {burst_row['failed']} of {burst_row['requests']} | "
+            f"{burst_row['refresh_errors'] or 'none'} |"
         )
     lines += [
         "",
@@ -412,11 +412,11 @@ def report_lines(
         "(its refresh margin) | req/s | errors | refresh errors |",
         "|---|---|---|---:|---:|---|",
     ]
-    for found in spent:
+    for row in spent:
         lines.append(
-            f"| {found['target']} | {_exchanges(found['exchanges'])} | {found['minimum']} "
-            f"({found['margin']:g} s early) | {found['rps']:,} | "
-            f"{found['error_rate']:.1%} | {found['refresh_errors'] or 'none'} |"
+            f"| {row['target']} | {_exchanges(row['exchanges'])} | {row['minimum']} "
+            f"({row['margin']:g} s early) | {row['rps']:,} | "
+            f"{row['error_rate']:.1%} | {row['refresh_errors'] or 'none'} |"
         )
     return lines
 

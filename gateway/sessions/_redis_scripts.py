@@ -7,8 +7,9 @@ from __future__ import annotations
 # is still its own, and nobody writes a session older (by refresh-token rotation) than the
 # stored one. Atomic in one script.
 # Each save also drops up to two members of each index whose session is gone, which keeps the
-# sets near the number of live sessions (the script builds those keys from the prefix: the store
-# is for standalone Redis, not Cluster).
+# sets near the number of live sessions (the script builds those keys from the prefix). In
+# cluster mode the indexes live in other slots: the store passes no index keys and keeps them
+# with INDEX_ADD instead (pruned by ``find``).
 # KEYS: sess, tok, lock, idx...
 # ARGV: ciphertext, idle deadline, ttl ms, id, token, rt_version, prefix
 SAVE = """
@@ -56,6 +57,23 @@ if ttl == -2 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
 return 1
+"""
+
+# One index set (cluster mode: its own slot). KEYS: idx  ARGV: id, ttl ms
+INDEX_ADD = """
+redis.call('SADD', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 1
+"""
+
+# KEYS: login:<state>, logins  ARGV: state. Single use: a replayed state finds nothing.
+POP_LOGIN = """
+local blob = redis.call('GET', KEYS[1])
+if blob then redis.call('DEL', KEYS[1]) end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return blob
 """
 
 RELEASE = """

@@ -17,12 +17,12 @@ from collections.abc import Callable
 
 from .base import Session
 
-__all__ = ["SessionCache"]
+__all__ = ["SessionCache", "copy_session"]
 
 Decoder = Callable[[str, bytes], Session | None]
 
 
-def _copy(session: Session) -> Session:
+def copy_session(session: Session) -> Session:
     """A copy the caller may change without touching the cached one (or another request's).
 
     Claims held as a dict are copied one level deep (deeper values are shared and, as with the
@@ -77,7 +77,7 @@ class SessionCache:
         if entry is not None:
             if hmac.compare_digest(entry[0], digest):
                 self._entries.move_to_end(key)
-                return _copy(entry[1])
+                return copy_session(entry[1])
             del self._entries[key]  # the stored blob changed: that session is gone
         session = decode(key, blob)
         if session is None or not remember or self._maxsize == 0:
@@ -86,7 +86,7 @@ class SessionCache:
         self._entries[key] = (digest, session)
         while len(self._entries) > self._maxsize:
             self._entries.popitem(last=False)
-        return _copy(session)
+        return copy_session(session)
 
     def discard(self, key: str) -> None:
         """Forget ``key`` (deleted, expired or rewritten session): no dead session lingers."""

@@ -148,6 +148,17 @@ class CachedToken:
         return cls(**data)
 
 
+class _LoadLater:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "LOAD_LATER"
+
+
+# ``load_now``'s answer when it cannot answer without IO: the caller awaits ``load`` instead.
+LOAD_LATER = _LoadLater()
+
+
 class SessionStore(Protocol):
     """Where sessions, pending logins and shared access tokens live.
 
@@ -175,8 +186,11 @@ class SessionStore(Protocol):
     async def load(self, session_id: str) -> Session | None:
         """The live session, or None when missing, idle-expired or past its absolute expiry.
 
-        A store that answers without IO may also offer ``load_now(session_id)``: the same
-        answer, not a coroutine (the memory store does); SessionManager then reads through it.
+        A store that can often answer without IO may also offer ``load_now(session_id)``: the
+        same answer, not a coroutine, or LOAD_LATER when it would have to wait (the memory
+        store never does; the Redis store on a miss of its tracked cache). SessionManager
+        reads through it. A session from ``load_now`` may be shared with other requests:
+        only ``last_seen`` is ever set on it (by SessionManager, before ``touch``).
         """
 
     async def touch(self, session: Session) -> None:
@@ -189,13 +203,18 @@ class SessionStore(Protocol):
         """Ids of live sessions with this OIDC ``sub`` and/or IdP session ``sid``."""
 
     def refresh_lock(self, session_id: str) -> AbstractAsyncContextManager[None]:
-        """Held around a refresh-token exchange: one exchange per session at a time."""
+        """Held around a refresh-token exchange: one exchange per session at a time.
+
+        While it is held, ``load`` and ``get_token`` of that id read the store itself, never a
+        cache that an invalidation may not have reached yet (the previous holder, maybe on
+        another instance, may have just rotated the refresh token)."""
 
     async def get_token(self, session_id: str, key: str) -> CachedToken | None:
         """A shared cached access token, or None."""
 
     async def put_token(self, session_id: str, key: str, token: CachedToken) -> None:
-        """Share an access token until it expires."""
+        """Share an access token until it expires (or its session ends: a token of a session
+        that is gone is not stored)."""
 
     async def get_client_token(self, key: str) -> CachedToken | None:
         """The gateway's shared client-credentials token under ``key`` (audience and

@@ -7,6 +7,10 @@ subscribes to ``<key_prefix>session-ended`` and gets ``<instance id> <session id
 its own messages). The session id is the SHA-256 of the cookie secret, already a Redis key
 name, so the channel carries nothing that the keyspace does not.
 
+In cluster mode the channel is a shard channel (``SSUBSCRIBE``/``SPUBLISH``, Redis 7): a
+classic publish would be copied to every node of the cluster, a shard channel lives on the
+node that owns its slot (and follows it through a failover).
+
 Pub/sub is fire-and-forget: an instance that is disconnected from Redis at that moment misses
 the news. Its connections still end when they next need the session (a token refresh, a
 reconnect) or at their limits (lifetime, idle timeout).
@@ -21,8 +25,7 @@ import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from ._redis_connect import REDIS_ERRORS, RedisEndpoints, RedisTopology, endpoints_of
 
 if TYPE_CHECKING:
     from ..settings import Settings
@@ -73,13 +76,22 @@ class RedisSessionEvents:
     """Redis pub/sub on ``<prefix>session-ended``, with its own connection (a subscribed
     connection cannot run other commands, and it blocks on reads without a socket timeout)."""
 
-    def __init__(self, *, url: str, key_prefix: str, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        key_prefix: str,
+        timeout: float = 2.0,
+        endpoints: RedisEndpoints | None = None,
+    ) -> None:
         self.channel = f"{key_prefix}{_CHANNEL}"
         self.instance = secrets.token_hex(8)
         self._timeout = timeout
-        self._redis = Redis.from_url(
-            url, socket_connect_timeout=timeout, socket_keepalive=True, health_check_interval=30
+        self._topology = RedisTopology(
+            endpoints or RedisEndpoints(url=url), pool_size=4, timeout=timeout, socket_timeout=None
         )
+        self._sharded = self._topology.cluster
+        self._redis = self._topology.client
         self._handler: SessionEndedHandler | None = None
         self._listener: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -91,6 +103,7 @@ class RedisSessionEvents:
             url=session.redis_url,
             key_prefix=session.redis_key_prefix,
             timeout=session.redis_timeout,
+            endpoints=endpoints_of(settings),
         )
 
     def __repr__(self) -> str:
@@ -111,8 +124,12 @@ class RedisSessionEvents:
     async def publish(self, session_id: str) -> None:
         try:
             async with asyncio.timeout(self._timeout):
-                await self._redis.publish(self.channel, f"{self.instance} {session_id}")
-        except (RedisError, OSError, TimeoutError) as exc:
+                message = f"{self.instance} {session_id}"
+                if self._sharded:
+                    await self._redis.spublish(self.channel, message)
+                else:
+                    await self._redis.publish(self.channel, message)
+        except REDIS_ERRORS as exc:
             # The session is already deleted from the store; only other instances' open
             # connections miss the news (see the module docstring).
             logger.warning("could not publish a session end (%s)", type(exc).__name__)
@@ -123,24 +140,34 @@ class RedisSessionEvents:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None
-        await self._redis.aclose()
+        await self._topology.close()
 
     async def _listen(self) -> None:
         delay = _RETRY_MIN
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._topology.pubsub()
             try:
+                if self._sharded:
+                    await pubsub.ssubscribe(self.channel)
+                    self._subscribed.set()
+                    delay = _RETRY_MIN
+                    while True:
+                        message = await pubsub.get_sharded_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None and message.get("type") == "smessage":
+                            self._deliver(message.get("data"))
                 await pubsub.subscribe(self.channel)
                 self._subscribed.set()
                 delay = _RETRY_MIN
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
                         self._deliver(message.get("data"))
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 self._subscribed.clear()
                 logger.warning("session-end subscription lost (%s); retrying", type(exc).__name__)
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RETRY_MAX)

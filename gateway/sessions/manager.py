@@ -20,7 +20,7 @@ from ..security import (
     session_id_for,
 )
 from ..settings import Settings
-from .base import Session, SessionStore
+from .base import LOAD_LATER, Session, SessionStore, _LoadLater
 
 _MAX_COOKIE_LEN = 256
 LOGIN_TTL = 600  # a login must finish within this; its cookie and pending state expire
@@ -52,9 +52,11 @@ class SessionManager:
         # Sliding the idle expiry costs a store write; do it at most this often per session.
         self._touch_interval = min(60.0, settings.session.idle_timeout / 10)
         self._verified: dict[str, str] = {}
-        # A store that answers without IO (the memory store) is read without a coroutine.
-        # (``store`` is fixed after construction: nothing reassigns it.)
-        self._load_now: Callable[[str], Session | None] | None = getattr(store, "load_now", None)
+        # A store that answers without IO (the memory store, the Redis store's tracked cache)
+        # is read without a coroutine. (``store`` is fixed after construction.)
+        self._load_now: Callable[[str], Session | _LoadLater | None] | None = getattr(
+            store, "load_now", None
+        )
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -95,7 +97,8 @@ class SessionManager:
         if session_id is None:
             return None
         load_now = self._load_now
-        session = load_now(session_id) if load_now else await self.store.load(session_id)
+        found = load_now(session_id) if load_now is not None else LOAD_LATER
+        session = await self.store.load(session_id) if isinstance(found, _LoadLater) else found
         if session is None:
             return None
         now = self._clock()

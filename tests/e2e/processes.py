@@ -85,6 +85,12 @@ class GatewayProcess:
     def is_running(self) -> bool:
         return self._proc.poll() is None
 
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, requests in flight are cut (then ``stop`` cleans up)."""
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
     def stop(self) -> None:
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGTERM)

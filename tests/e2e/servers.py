@@ -17,6 +17,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -258,10 +259,18 @@ class IdpProcess:
     def running(self) -> bool:
         return self._proc.poll() is None
 
+    def pause(self) -> None:
+        """Freeze the IdP (SIGSTOP): connections are accepted by the kernel, nothing answers."""
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._proc.send_signal(signal.SIGCONT)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Terminate the process (kill after ``timeout``) and release its pipes."""
         proc = self._proc
         if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)  # a paused IdP would not see the SIGTERM
             proc.terminate()
             try:
                 proc.wait(timeout=timeout)

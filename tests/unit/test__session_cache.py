@@ -142,7 +142,7 @@ def test_session_cache_copies_do_not_share_what_a_caller_may_change() -> None:
 
 
 def test_session_cache_copy_keeps_every_field() -> None:
-    # _copy names each field (3x faster than a generic copy): a new Session field must be
+    # copy_session names each field (3x faster than a generic copy): a new Session field must be
     # added there too, or copies would silently fall back to its default.
     assert {f.name for f in fields(Session)} == {
         "id",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import types
 from pathlib import Path
 
@@ -89,3 +90,33 @@ def test_sessions_needs_the_shared_store_and_a_user(
     assert main(["sessions", "list", "--config", str(redis)]) == 2
     assert main(["sessions", "revoke", "--config", str(redis)]) == 2
     assert "--sub" in capsys.readouterr().err
+
+
+def test_run_several_workers_with_the_memory_store_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("GATEWAY_OIDC__CLIENT_SECRET", "s")
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("must not serve"))
+    config = tmp_path / "g.yaml"
+    config.write_text(GOOD)
+    assert main(["run", "--config", str(config), "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "session.store" in err and "redis" in err
+
+
+def test_run_several_workers_with_redis_hands_uvicorn_the_factory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_OIDC__CLIENT_SECRET", "s")
+    monkeypatch.setenv("GATEWAY_SESSION__SECRET_KEY", "k" * 40)
+    # Recorded so that teardown restores it (main sets it for the workers).
+    monkeypatch.setenv("GATEWAY_CONFIG", "unset-by-teardown")
+    calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append((a, k)))
+    config = tmp_path / "g.yaml"
+    config.write_text(GOOD + "session: {store: redis}\n")
+    assert main(["run", "--config", str(config), "--workers", "3"]) == 0
+    ((args, kwargs),) = calls
+    assert args == ("gateway.cli:worker_app",)
+    assert kwargs["workers"] == 3 and kwargs["factory"] is True
+    assert os.environ["GATEWAY_CONFIG"] == str(config)  # each worker loads the same file

@@ -22,14 +22,14 @@ from uuid import uuid4
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisClusterUnreachableError, SlotNotCoveredError
 
 from gateway.crypto import SessionCipher
 from gateway.errors import ConfigError, SessionEnded, SessionStoreUnavailable
 from gateway.sessions import CachedToken, Session
+from gateway.sessions.base import LOAD_LATER
 from gateway.sessions.redis import DECODED_CACHE_SIZE, MAX_PENDING_LOGINS, RedisSessionStore
 from gateway.settings import Settings
-
-from .fakes import scribble_on
 
 REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 OLD_KEY = "old-secret-0123456789abcdefghijklmnopqrstuvwxyz"
@@ -418,21 +418,44 @@ async def test_redis_store_idle_expired_session_is_dropped_from_the_cache() -> N
         assert len(store._decoded) == 0
 
 
-async def test_redis_store_loaded_sessions_do_not_share_mutations(
+async def test_redis_store_tracked_hits_share_one_session_with_immutable_claims(
     store: RedisSessionStore,
 ) -> None:
+    # As the memory store: a hit hands out the cached object itself (no copy per request);
+    # its claims cannot be changed, and only last_seen is ever set on it (before a touch,
+    # which drops it from the cache).
+    await cache_live(store)
+    session = make_session()
+    await store.save(session)
+
+    async def cached() -> bool:
+        return await store.load(session.id) is not None and len(store._cache) > 0
+
+    await until(cached)
+    first, second = await store.load(session.id), store.load_now(session.id)
+    assert first is not None and second is first
+    with pytest.raises(TypeError):
+        first.claims["email"] = "mallory@example.com"  # type: ignore[index]
+    assert first.claims == {"email": "alice@example.com"}
+    await store.touch(first)
+    assert store.load_now(session.id) is LOAD_LATER  # the touch dropped the shared entry
+
+
+async def test_redis_store_loaded_sessions_from_redis_do_not_share_mutations(
+    store: RedisSessionStore,
+) -> None:
+    # Without the tracked cache (not live yet) every load is a private copy.
+    store._cache.valid_until = 0.0
     session = make_session()
     await store.save(session)
     decoded = await store.load(session.id)
-    cached = await store.load(session.id)
-    assert decoded is not None and cached is not None
-    for mine in (decoded, cached):  # none of it may reach another request's session
-        scribble_on(mine)
+    again = await store.load(session.id)
+    assert decoded is not None and again is not None and again is not decoded
+    decoded.last_seen = 1.0
+    decoded.refresh_token = "RT-changed"
     later = await store.load(session.id)
-    assert later is not None and later is not decoded and later is not cached
+    assert later is not None and later.refresh_token == session.refresh_token
     assert later.last_seen == session.last_seen
-    assert (later.refresh_token, later.rt_version) == (session.refresh_token, 0)
-    assert later.claims == {"email": "alice@example.com"}
 
 
 async def test_redis_store_decoded_cache_is_bounded(decrypts: list[bytes]) -> None:
@@ -744,3 +767,202 @@ def test_redis_store_from_settings_without_keys_is_a_config_error() -> None:
     settings = Settings.model_validate({"oidc": OIDC})
     with pytest.raises(ConfigError, match=r"session\.secret_key"):
         RedisSessionStore.from_settings(settings)
+
+
+# The tracked cache (client-side caching with CLIENT TRACKING invalidations)
+
+
+async def until(predicate: Callable[[], Awaitable[bool]], *, within: float = 10.0) -> None:
+    """Poll ``predicate`` until it holds (a bound, not a timing assertion)."""
+    deadline = time.monotonic() + within
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def cache_live(store: RedisSessionStore) -> None:
+    await store.load("warm-up")  # starts the tracker
+
+    async def live() -> bool:
+        return store._cache.is_live
+
+    await until(live)
+
+
+class CountingReads:
+    """Counts the store's session reads from Redis (HMGET)."""
+
+    def __init__(self, store: RedisSessionStore) -> None:
+        self.count = 0
+        inner = store._redis.hmget
+
+        async def hmget(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return await inner(*args, **kwargs)
+
+        store._redis.hmget = hmget
+
+
+async def test_redis_store_tracked_hit_makes_no_round_trip() -> None:
+    async with redis_store() as store:
+        await cache_live(store)
+        session = make_session()
+        await store.save(session)
+        assert store.tracker is not None
+
+        async def own_write_invalidated() -> bool:  # our own write's invalidation came back
+            return store.tracker is not None and store.tracker.invalidations >= 1
+
+        await until(own_write_invalidated)
+        reads = CountingReads(store)
+        for _ in range(5):
+            loaded = await store.load(session.id)
+            assert loaded is not None and loaded.refresh_token == session.refresh_token
+        assert reads.count == 1
+
+
+async def test_redis_store_write_by_another_instance_reaches_the_cache() -> None:
+    async with redis_store() as a, redis_store(prefix=prefix_of(a)) as b:
+        await cache_live(a)
+        session = make_session()
+        await b.save(session)
+        assert await a.load(session.id) is not None
+        await b.save(replace(session, refresh_token="v2.rotated", rt_version=1))
+
+        async def rotated() -> bool:
+            loaded = await a.load(session.id)
+            return loaded is not None and loaded.refresh_token == "v2.rotated"
+
+        await until(rotated)
+        await b.delete(session.id)
+
+        async def gone() -> bool:
+            return await a.load(session.id) is None
+
+        await until(gone)
+        assert a.tracker is not None and a.tracker.invalidations >= 2
+
+
+async def test_redis_store_read_your_own_writes_at_once() -> None:
+    async with redis_store() as store:
+        await cache_live(store)
+        session = make_session()
+        await store.save(session)
+        assert await store.load(session.id) is not None
+        await store.save(replace(session, refresh_token="v2.rotated", rt_version=1))
+        loaded = await store.load(session.id)
+        assert loaded is not None and loaded.refresh_token == "v2.rotated"
+        await store.delete(session.id)
+        assert await store.load(session.id) is None
+
+
+async def test_redis_store_refresh_lock_reads_past_a_late_invalidation() -> None:
+    # The holder before us (another instance) rotated the refresh token; its invalidation has
+    # not arrived yet. Outside the lock the cache may lag by that delay; inside, never.
+    async with redis_store() as a, redis_store(prefix=prefix_of(a)) as b:
+        await cache_live(a)
+        session = make_session()
+        await a.save(session)
+
+        async def cached() -> bool:  # once our own write's invalidation came back
+            return await a.load(session.id) is not None and len(a._cache) > 0
+
+        await until(cached)
+        assert a.tracker is not None
+        a.tracker._invalidate = lambda keys: None  # type: ignore[method-assign]
+        await b.save(replace(session, refresh_token="v2.rotated", rt_version=1))
+        stale = await a.load(session.id)
+        assert stale is not None and stale.refresh_token == session.refresh_token
+        async with a.refresh_lock(session.id):
+            current = await a.load(session.id)
+        assert current is not None and current.refresh_token == "v2.rotated"
+
+
+async def test_redis_store_lost_invalidation_connection_drops_the_cache(raw: Redis) -> None:
+    async with redis_store() as store:
+        await cache_live(store)
+        session = make_session()
+        await store.save(session)
+
+        async def cached() -> bool:  # once our own write's invalidation came back
+            return await store.load(session.id) is not None and len(store._cache) > 0
+
+        await until(cached)
+        assert store.tracker is not None
+        resets = store.tracker.resets
+        await raw.client_kill_filter(_id=str(store.tracker.client_ids[0]))
+
+        async def dropped() -> bool:
+            return store.tracker is not None and store.tracker.resets > resets
+
+        await until(dropped)
+        assert len(store._cache) == 0
+        await cache_live(store)  # it reconnects by itself
+        loaded = await store.load(session.id)
+        assert loaded is not None and loaded.refresh_token == session.refresh_token
+
+
+async def test_redis_store_tracked_tokens_are_invalidated_too() -> None:
+    async with redis_store() as a, redis_store(prefix=prefix_of(a)) as b:
+        await cache_live(a)
+        session = make_session()
+        await a.save(session)
+        old = CachedToken("at-1", time.time() + 100, "https://api")
+        await a.put_token(session.id, "k", old)
+        assert await a.get_token(session.id, "k") == old
+        new = CachedToken("at-2", time.time() + 200, "https://api")
+        await b.put_token(session.id, "k", new)
+
+        async def replaced() -> bool:
+            return await a.get_token(session.id, "k") == new
+
+        await until(replaced)
+
+
+async def test_redis_store_master_named_anew_by_the_sentinels_drops_the_cache() -> None:
+    # Sentinel mode asks the sentinels every second; a new master means the cache (and the
+    # connection carrying its invalidations) belonged to the old one.
+    async with redis_store() as store:
+        assert store.tracker is not None
+        moved = [False]
+
+        async def master_changed() -> bool:
+            answer, moved[0] = moved[0], False
+            return answer
+
+        store.tracker._master_changed = master_changed
+        await cache_live(store)
+        session = make_session()
+        await store.save(session)
+
+        async def cached() -> bool:
+            return await store.load(session.id) is not None and len(store._cache) > 0
+
+        await until(cached)
+        resets = store.tracker.resets
+        moved[0] = True
+
+        async def dropped() -> bool:
+            return store.tracker is not None and store.tracker.resets > resets
+
+        await until(dropped)
+        assert len(store._cache) == 0
+        await cache_live(store)  # following the (new) master again
+
+
+@pytest.mark.parametrize(
+    "error",
+    [SlotNotCoveredError("slot 1 is not covered"), RedisClusterUnreachableError("no node")],
+)
+async def test_redis_store_cluster_client_errors_are_unavailable_not_500(
+    store: RedisSessionStore, error: Exception
+) -> None:
+    # The cluster client's own errors are not RedisErrors (a failover leaves a slot uncovered
+    # for a moment; every node unreachable; refused credentials).
+    async def failing(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    store._redis.hmget = failing
+    with pytest.raises(SessionStoreUnavailable) as unavailable:
+        await store.load("0" * 64)
+    assert unavailable.value.retry_after is not None

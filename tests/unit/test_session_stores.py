@@ -12,6 +12,7 @@ import pytest
 from gateway.crypto import SessionCipher
 from gateway.errors import SessionEnded, SessionStoreUnavailable, TooManyPendingLogins
 from gateway.sessions import CachedToken, MemorySessionStore, Session, SessionStore
+from gateway.sessions.base import LOAD_LATER
 from gateway.sessions.manager import SessionManager
 from tests.unit.test_redis_store import redis_store
 
@@ -396,7 +397,7 @@ async def test_memory_store_load_now_answers_as_load() -> None:
 
 
 class _LoadOnly:
-    """A store that reads only through ``load`` (as the Redis store): no ``load_now``."""
+    """A store that reads only through ``load``: no ``load_now``."""
 
     def __init__(self, inner: MemorySessionStore) -> None:
         self._inner = inner
@@ -413,6 +414,13 @@ class _LoadOnly:
         return getattr(self._inner, name)
 
 
+class _CacheMiss(_LoadOnly):
+    """A store whose ``load_now`` cannot answer now (the Redis store on a cache miss)."""
+
+    def load_now(self, session_id: str) -> object:
+        return LOAD_LATER
+
+
 async def test_session_manager_reads_without_a_coroutine_only_where_the_store_can() -> None:
     key = "k" * 48
     settings = make_settings(session={"secret_key": [key]})
@@ -424,7 +432,8 @@ async def test_session_manager_reads_without_a_coroutine_only_where_the_store_ca
 
     read_now = MemorySessionStore(idle_timeout=IDLE)
     read_now.load = never_awaited  # type: ignore[method-assign]
-    for store, loads_through_load in ((read_now, False), (_LoadOnly(memory), True)):
+    cases = ((read_now, False), (_LoadOnly(memory), True), (_CacheMiss(memory), True))
+    for store, loads_through_load in cases:
         manager = SessionManager(settings, store, cipher)  # type: ignore[arg-type]
         session, set_cookie = await manager.create(
             sub="alice", sid="s1", refresh_token="rt", id_token=None, claims={"sub": "alice"}
@@ -445,3 +454,27 @@ async def test_store_put_login_with_a_cap_of_zero_refuses_cleanly() -> None:
             with pytest.raises(TooManyPendingLogins) as refused:
                 await store.put_login("state", {"i": "0"}, ttl=600)
             assert refused.value.retry_after == 60
+
+
+async def test_store_client_token_needs_no_session_and_expires(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    # The gateway's client-credentials tokens: their own methods, and a lock under
+    # ``client:<digest>`` that names no session.
+    store, clock = store_and_clock
+    token = CachedToken("at-client", clock.now + 100, "https://api")
+    await store.put_client_token("https://api read", token)
+    assert await store.get_client_token("https://api read") == token
+    async with store.refresh_lock("client:0123abcd"):
+        assert await store.get_client_token("https://api read") == token
+    assert await store.get_token("client:0123abcd", "https://api read") is None
+    clock.now += 101
+    assert await store.get_client_token("https://api read") is None
+
+
+async def test_store_put_token_of_an_ended_session_is_not_kept(
+    store_and_clock: tuple[SessionStore, FakeClock],
+) -> None:
+    store, clock = store_and_clock
+    await store.put_token("0" * 64, "k", CachedToken("at", clock.now + 100, "https://api"))
+    assert await store.get_token("0" * 64, "k") is None
