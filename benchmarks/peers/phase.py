@@ -412,11 +412,11 @@ def report_lines(
         "(its refresh margin) | req/s | errors | refresh errors |",
         "|---|---|---|---:|---:|---|",
     ]
-    for row in spent:
+    for economy in spent:
         lines.append(
-            f"| {row['target']} | {_exchanges(row['exchanges'])} | {row['minimum']} "
-            f"({row['margin']:g} s early) | {row['rps']:,} | "
-            f"{row['error_rate']:.1%} | {row['refresh_errors'] or 'none'} |"
+            f"| {economy['target']} | {_exchanges(economy['exchanges'])} | {economy['minimum']} "
+            f"({economy['margin']:g} s early) | {economy['rps']:,} | "
+            f"{economy['error_rate']:.1%} | {economy['refresh_errors'] or 'none'} |"
         )
     return lines
 
