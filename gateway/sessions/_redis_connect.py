@@ -100,6 +100,7 @@ class RedisTopology:
             "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         }
         self._sentinel: Sentinel | None = None
+        self._tracked_master: tuple[str, int] | None = None  # sentinel mode, see master_changed
         self.client: Any
         if endpoints.mode == "standalone":
             pool = BlockingConnectionPool.from_url(
@@ -187,6 +188,7 @@ class RedisTopology:
             if sentinel is None:  # pragma: no cover (set in sentinel mode)
                 raise RuntimeError("sentinel mode without sentinels")
             host, port = await sentinel.discover_master(self.endpoints.sentinel_master)
+            self._tracked_master = (host, int(port))
             connections = [self._plain_connection(host, int(port))]
         else:
             # A fresh slot map: after a failover the old master is gone from it.
@@ -207,15 +209,18 @@ class RedisTopology:
         return connections
 
     async def master_changed(self) -> bool:
-        """Sentinel mode: ask the sentinels for the master; True when it moved since the last
-        answer. The pool then drops every connection, busy ones too (their commands fail:
-        503), so the next command reaches the new master."""
-        pool = self.client.connection_pool
-        before = pool.master_address
-        after = await pool.get_master_address()
-        if before is None or after == before:
+        """Sentinel mode: True when the sentinels name another master than the one the
+        invalidation connection follows (compared with that one, not with the pool's last
+        answer: a data connection opened since may have learnt of the failover first). The
+        pool then drops every connection, busy ones too (their commands fail: 503), so the
+        next command reaches the new master."""
+        sentinel = self._sentinel
+        if sentinel is None or self._tracked_master is None:
             return False
-        await pool.disconnect(inuse_connections=True)
+        host, port = await sentinel.discover_master(self.endpoints.sentinel_master)
+        if (host, int(port)) == self._tracked_master:
+            return False
+        await self.client.connection_pool.disconnect(inuse_connections=True)
         return True
 
     def pubsub(self) -> Any:
