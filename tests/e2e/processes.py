@@ -67,9 +67,15 @@ class GatewayProcess:
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 break
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.base_url + "/healthz", timeout=1).status_code == 200:
-                    return
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                # The gateway's own answer: a port chosen by free_port() may have been taken
+                # meanwhile by another loopback server of the run (an echo upstream answers 200
+                # to every path), and then this process fails to bind and exits.
+                answer = httpx.get(self.base_url + "/healthz", timeout=1)
+                if answer.status_code == 200 and answer.json() == {"status": "ok"}:
+                    time.sleep(0.2)
+                    if self._proc.poll() is None:
+                        return
             time.sleep(0.1)
         logs = self.logs()  # read before stop() removes the directory
         self.stop()

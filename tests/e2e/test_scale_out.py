@@ -60,8 +60,9 @@ def redis_url() -> Iterator[tuple[str, str]]:
 def cluster(idp_factory: IdpFactory, redis_url: tuple[str, str]) -> Iterator[Cluster]:
     idp = idp_factory(rotate=True, at_ttl=60)
     url, prefix = redis_url
-    ports = [free_port(), free_port()]
     with start_upstreams(idp) as upstreams:
+        # Chosen once the upstreams hold their ports: no upstream can take one of these.
+        ports = [free_port(), free_port()]
         configs = [_config(idp, upstreams, public_port=ports[0], redis_url=url, prefix=prefix)] * 2
         with gateway_processes(configs, ports, ENV) as gateways:
             yield Cluster(idp, gateways)

@@ -62,13 +62,14 @@ class Pair:
 @pytest.fixture
 def pair(idp_factory: IdpFactory) -> Iterator[tuple[Pair, WebSocketUpstream]]:
     idp = idp_factory(rotate=False, at_ttl=60)
-    ports = [free_port(), free_port()]
-    admin_ports = [free_port(), free_port()]
     with (
         redis_key_prefix("admin", REDIS_URL) as prefix,
         start_upstreams(idp) as upstreams,
         start_ws_upstream(issuer=idp.issuer, audience=API) as live,
     ):
+        # Chosen once the upstreams hold their ports: no upstream can take one of these.
+        ports = [free_port(), free_port()]
+        admin_ports = [free_port(), free_port()]
         live_routes: list[dict[str, Any]] = [
             {"prefix": "/ws/", "upstream": live.url, "audience": API, "websocket": True},
             {"prefix": "/events/", "upstream": live.url, "audience": API, "csrf": False},
