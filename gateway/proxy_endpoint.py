@@ -205,7 +205,7 @@ class ProxyEndpoint:
                     timeout=route.timeout,
                     route=route.name,
                 )
-                if proof is not None and nonce_in(upstream.headers) is not None:
+                if proof is not None and self._new_nonce(upstream, route) is not None:
                     await self._remember_nonce(upstream, route)
                 if upstream.status == 401 and bearer is not None:
                     upstream = await self._after_refusal(
@@ -315,18 +315,27 @@ class ProxyEndpoint:
             timeout=route.timeout,
             route=route.name,
         )
-        if proof is not None:
+        if proof is not None and self._new_nonce(answer, route) is not None:
             await self._remember_nonce(answer, route)
         return answer
 
-    async def _remember_nonce(self, upstream: UpstreamResponse, route: Route) -> None:
-        """A ``DPoP-Nonce`` on any answer replaces the one held for the upstream's server."""
+    def _new_nonce(self, upstream: UpstreamResponse, route: Route) -> str | None:
+        """The answer's ``DPoP-Nonce`` when it differs from the one held for the upstream's
+        server, else None: checked without a coroutine (an upstream may send the same nonce
+        on every answer)."""
         nonce = nonce_in(upstream.headers)
         dpop = self._authorizer.dpop
+        if nonce is None or dpop is None or nonce == dpop.nonces.get(self._servers[route.name]):
+            return None
+        return nonce
+
+    async def _remember_nonce(self, upstream: UpstreamResponse, route: Route) -> None:
+        """A new ``DPoP-Nonce`` replaces the one held for the upstream's server, here and in
+        the store (``DPoPNonces.remember``)."""
+        nonce = self._new_nonce(upstream, route)
+        dpop = self._authorizer.dpop
         if nonce is not None and dpop is not None:
-            server = self._servers[route.name]
-            if nonce != dpop.nonces.get(server):
-                await dpop.nonces.remember(server, nonce)
+            await dpop.nonces.remember(self._servers[route.name], nonce)
 
     async def _relay_rest(
         self, upstream: UpstreamResponse, chunk: bytes, send: Send, session_id: str | None
