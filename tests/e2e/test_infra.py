@@ -8,8 +8,10 @@ import contextlib
 import hashlib
 import json
 import secrets
+import subprocess
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -32,6 +34,7 @@ from .servers import (
     CLIENT_SECRET,
     OUTSIDE,
     IdpProcess,
+    IdpStartRetried,
     big_pattern,
     free_port,
     reserve_socket,
@@ -420,3 +423,27 @@ async def test_run_asgi_with_lifespan() -> None:
         async with httpx.AsyncClient() as client:
             assert (await client.get(base_url + "/")).text == "hi"
     assert events == ["startup", "shutdown"]
+
+
+def test_a_stalled_idp_start_is_begun_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A node process that never says it is ready is killed and the IdP started anew."""
+    stall = tmp_path / "stall.cjs"  # preloaded by the first node: it blocks before listening
+    stall.write_text("Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);\n")
+    spawned: list[subprocess.Popen[str]] = []
+    real_spawn = IdpProcess._spawn
+
+    def spawn(self: IdpProcess, node: str, env: dict[str, str]) -> None:
+        if not spawned:
+            env = {**env, "NODE_OPTIONS": f"--require={stall}"}
+        real_spawn(self, node, env)
+        spawned.append(self._proc)
+
+    monkeypatch.setattr(IdpProcess, "_spawn", spawn)
+    with pytest.warns(IdpStartRetried, match="start 1 stalled"):
+        idp = IdpProcess(startup_timeout=9.0)
+    with idp:
+        assert len(spawned) == 2
+        assert spawned[0].poll() is not None, "the stalled process was not stopped"
+        assert httpx.get(idp.discovery_url).json()["issuer"] == idp.issuer

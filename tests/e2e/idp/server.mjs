@@ -87,6 +87,11 @@ import instance from 'oidc-provider/lib/helpers/weak_cache.js';
 console.info = (...args) => console.error(...args);
 console.log = (...args) => console.error(...args);
 
+// Each startup stage is logged with its time, so a start that stalls says where.
+const startedAt = Date.now();
+const stage = (name) => console.error(`startup: ${name} after ${Date.now() - startedAt} ms`);
+stage('modules loaded');
+
 // Back-channel delivery to `localhost` must hit the IPv4 loopback the gateway
 // listens on.
 setDefaultResultOrder('ipv4first');
@@ -509,11 +514,13 @@ server.on('error', (err) => {
 });
 
 server.listen(PORT, HOST, () => {
+  stage('listening');
   const { port } = server.address();
   const issuer = `${TLS ? 'https' : 'http'}://${HOST.includes(':') ? `[${HOST}]` : HOST}:${port}`;
   const provider = buildProvider(issuer);
   currentProvider = provider;
   handler = provider.callback();
+  stage('provider built');
   process.stdout.write(`${JSON.stringify({ issuer, port })}\n`);
 });
 
