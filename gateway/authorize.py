@@ -178,12 +178,13 @@ class Authorizer:
             max_age=None if rules.max_age is None else int(rules.max_age),
         )
 
-    def dpop_proof(
+    async def dpop_proof(
         self, session: Session | None, token: str, method: str, url: str, server: str
     ) -> str | None:
         """The DPoP proof to send with ``token`` to ``url`` (on ``server``, an origin), or
         None for a bearer token. A user's token is bound to the session's key, the gateway's
-        client token to the gateway's; the nonce is ``server``'s latest."""
+        client token to the gateway's; the nonce is ``server``'s latest. Signed with the
+        other proofs of this turn of the event loop (``ProofSigner``)."""
         dpop = self.dpop
         if type(token) is not DPoPBound or dpop is None:
             return None
@@ -196,7 +197,9 @@ class Authorizer:
                     "the session has no DPoP key", login_url=self._services.login_url
                 )
             key = session_key
-        return key.proof(method, htu(url), access_token=token, nonce=dpop.nonces.get(server))
+        return await dpop.signer.proof(
+            key, method, htu(url), access_token=token, nonce=dpop.nonces.get(server)
+        )
 
     async def renewed_token(self, route: Route, session: Session | None, refused: str) -> str:
         """A new token in place of ``refused``, which the upstream answered 401

@@ -17,6 +17,11 @@ Every request with a DPoP-bound token carries a fresh proof: ``typ: dpop+jwt``, 
 ``ath`` (the token's SHA-256, §4.3) and the server's latest ``nonce``. What does not change per
 request is built once per key: the signing key object and the proof's encoded header.
 
+The proofs of forwarded requests are signed in batches, one per turn of the event loop
+(:class:`ProofSigner`): a lone ES256 signature between two requests costs about twice what it
+costs back to back, as the rest of a request pushes OpenSSL's P-256 tables out of the CPU's
+caches.
+
 Nonces (§8, §9) are remembered per server (an origin) in this process and shared through the
 session store, and a newer ``DPoP-Nonce`` on any answer replaces the stored one; so a nonce
 rotation costs one retry, and a steady state none.
@@ -24,6 +29,7 @@ rotation costs one retry, and a steady state none.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -136,6 +142,53 @@ class DPoPKey:
         signing_input = self._header + b64url((claims + "}").encode())
         r, s = decode_dss_signature(self._key.sign(signing_input.encode("ascii"), _ECDSA))
         return signing_input + "." + b64url(r.to_bytes(32, "big") + s.to_bytes(32, "big"))
+
+
+class ProofSigner:
+    """Signs the proofs asked for during one turn of the event loop back to back, at the start
+    of the next turn, and hands each to its request.
+
+    Why: measured on the benchmark machine, a proof signed inline between two requests costs
+    about 50 µs of CPU, of which the signature alone costs 27 µs in a loop: the rest of a
+    request (interpreter, sockets, kernel) pushes OpenSSL's P-256 code and 150 KB comb table out
+    of the core's caches, and each signature fetches them again. Signed back to back the
+    batch's first proof pays that once. Under load a turn gathers the proofs of many requests
+    (about 8 at 16 connections, 24 at 64); a lone request waits one turn (microseconds).
+
+    A request that gives up meanwhile (its future cancelled) is not signed. The batch belongs
+    to one event loop: a proof asked for from another loop is signed inline."""
+
+    __slots__ = ("_loop", "_pending")
+
+    def __init__(self) -> None:
+        self._pending: list[
+            tuple[asyncio.Future[str], DPoPKey, str, str, str | None, str | None]
+        ] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def proof(
+        self, key: DPoPKey, htm: str, htu: str, *, access_token: str | None, nonce: str | None
+    ) -> str:
+        loop = asyncio.get_running_loop()
+        pending = self._pending
+        if not pending:
+            self._loop = loop
+            loop.call_soon(self._sign_batch)
+        elif self._loop is not loop:
+            return key.proof(htm, htu, access_token=access_token, nonce=nonce)
+        future: asyncio.Future[str] = loop.create_future()
+        pending.append((future, key, htm, htu, access_token, nonce))
+        return await future
+
+    def _sign_batch(self) -> None:
+        pending, self._pending = self._pending, []
+        for future, key, htm, htu, access_token, nonce in pending:
+            if future.done():  # cancelled: the request has gone
+                continue
+            try:
+                future.set_result(key.proof(htm, htu, access_token=access_token, nonce=nonce))
+            except Exception as exc:  # one bad proof fails its own request only
+                future.set_exception(exc)
 
 
 _ATH_MEMO_MAX = 4096
@@ -268,6 +321,7 @@ class DPoP:
         self.required = mode == "required"
         self.active = mode == "required"  # auto: decided by the discovery document
         self.nonces = DPoPNonces(store)
+        self.signer = ProofSigner()
         self._client_secret = client_secret
         self._client_key: DPoPKey | None = None
         self._keys: dict[str, DPoPKey] = {}

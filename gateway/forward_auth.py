@@ -232,7 +232,7 @@ class ForwardAuthEndpoint:
         login_url = self._login_url
         return f"{login_url}?return_to={quote(target, safe='')}" if target else login_url
 
-    def _dpop_proof(
+    async def _dpop_proof(
         self, route: Route, original: OriginalRequest, session: Session | None, token: str
     ) -> str | None:
         """The proof the data plane passes on with the token: bound to the original method
@@ -247,7 +247,7 @@ class ForwardAuthEndpoint:
         server = self._servers.get(route.name)
         if server is None:
             server = self._servers[route.name] = server_of(upstream)
-        return self._authorizer.dpop_proof(session, token, original.method, url, server)
+        return await self._authorizer.dpop_proof(session, token, original.method, url, server)
 
     async def _decide(self, scope: Scope) -> list[tuple[bytes, bytes]]:
         """The 200 answer's headers, or raise what the proxy would have answered."""
@@ -274,7 +274,7 @@ class ForwardAuthEndpoint:
             return list(_OK_HEADERS)
         proof = None
         if type(bearer) is DPoPBound:
-            proof = self._dpop_proof(route, original, session, bearer)
+            proof = await self._dpop_proof(route, original, session, bearer)
         if proof is not None:
             headers = [
                 (b"authorization", b"DPoP " + bearer.encode("latin-1")),

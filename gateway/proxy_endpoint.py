@@ -186,7 +186,7 @@ class ProxyEndpoint:
             proof = None
             if type(bearer) is DPoPBound:  # sender-constrained: a fresh proof per request
                 server = self._servers[route.name]
-                proof = self._authorizer.dpop_proof(session, bearer, method, url, server)
+                proof = await self._authorizer.dpop_proof(session, bearer, method, url, server)
             add_forwarding(
                 headers,
                 client_ip=(scope.get("client") or ("unknown", 0))[0],
@@ -298,7 +298,9 @@ class ProxyEndpoint:
         upstream.close()
         self._on_retry(route.name)
         fresh = bearer if nonce else await self._authorizer.renewed_token(route, session, bearer)
-        proof = self._authorizer.dpop_proof(session, fresh, method, url, self._servers[route.name])
+        proof = await self._authorizer.dpop_proof(
+            session, fresh, method, url, self._servers[route.name]
+        )
         authorization = ("DPoP " if proof is not None else "Bearer ") + fresh
         headers = [
             (name, authorization) if name == "authorization" else (name, value)

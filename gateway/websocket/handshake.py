@@ -249,7 +249,7 @@ class WebSocketEndpoint:
         if token is not None:
             # The proof's htu is the upgrade's HTTP URL (the opening handshake is an HTTP GET).
             url = "http" + upgrade.url[2:] if upgrade.url.startswith("ws") else upgrade.url
-            proof = self._authorizer.dpop_proof(upgrade.session, token, "GET", url, server)
+            proof = await self._authorizer.dpop_proof(upgrade.session, token, "GET", url, server)
             if proof is not None:
                 headers += [("authorization", f"DPoP {token}"), ("dpop", proof)]
             else:

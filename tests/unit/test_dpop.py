@@ -3,9 +3,11 @@ checks, the nonces, the session record and the settings."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.cli import main
 from gateway.client_keys import jwk_thumbprint, parse_private_keys
-from gateway.dpop import DPoP, DPoPBound, DPoPKey, nonce_in
+from gateway.dpop import DPoP, DPoPBound, DPoPKey, ProofSigner, nonce_in
 from gateway.errors import ConfigError, IdentityProviderError
 from gateway.oidc import OIDCClient
 from gateway.sessions import MemorySessionStore
@@ -221,6 +223,84 @@ def test_a_proof_has_every_claim_a_resource_server_checks() -> None:
     assert claims["ath"] == digest and claims["htm"] == "GET" and claims["nonce"] == "n"
     assert claims["htu"] == "https://api.example.com/x" and abs(claims["iat"] - time.time()) < 5
     assert key.proof("GET", "https://a/x").split(".")[1] != key.proof("GET", "https://a/x")
+
+
+class _CountingKey(DPoPKey):
+    """A key that counts its proofs and fails for the htu ``https://fail/``."""
+
+    __slots__ = ("signed",)
+
+    def __init__(self) -> None:
+        super().__init__(ec.generate_private_key(ec.SECP256R1()))
+        self.signed: list[str] = []
+
+    def proof(self, htm: str, htu: str, **claims: Any) -> str:
+        if htu == "https://fail/":
+            raise ValueError("no proof for this one")
+        self.signed.append(htu)
+        return super().proof(htm, htu, **claims)
+
+
+def _claims(proof: str) -> dict[str, Any]:
+    public = jwt.PyJWK(jwt.get_unverified_header(proof)["jwk"], algorithm="ES256").key
+    decoded: dict[str, Any] = jwt.decode(proof, public, algorithms=["ES256"])
+    return decoded
+
+
+async def test_the_proofs_of_one_turn_are_signed_together_each_for_its_own_request() -> None:
+    signer, key, other = ProofSigner(), _CountingKey(), _CountingKey()
+    asks = [
+        signer.proof(k, "GET", f"https://api/{i}", access_token=f"t{i}", nonce=None)
+        for i, k in enumerate([key, other, key, other])
+    ]
+    first = asyncio.ensure_future(asks[0])
+    await asyncio.sleep(0)  # the first ask waits for the turn's batch ...
+    assert not first.done() and key.signed == []
+    proofs = [await first, *await asyncio.gather(*asks[1:])]  # ... and the next batch signs 3
+    assert key.signed == ["https://api/0", "https://api/2"]
+    assert other.signed == ["https://api/1", "https://api/3"]
+    claims = [_claims(proof) for proof in proofs]
+    assert [c["htu"] for c in claims] == [f"https://api/{i}" for i in range(4)]
+    assert len({c["jti"] for c in claims}) == 4
+
+
+async def test_a_request_that_has_gone_is_not_signed_and_a_failure_is_its_own() -> None:
+    signer, key = ProofSigner(), _CountingKey()
+    gone = asyncio.ensure_future(
+        signer.proof(key, "GET", "https://gone/", access_token="t", nonce=None)
+    )
+    failing = asyncio.ensure_future(
+        signer.proof(key, "GET", "https://fail/", access_token="t", nonce=None)
+    )
+    kept = asyncio.ensure_future(
+        signer.proof(key, "POST", "https://kept/", access_token="t", nonce="n")
+    )
+    await asyncio.sleep(0)  # all three wait in the batch
+    gone.cancel()
+    await asyncio.gather(gone, failing, kept, return_exceptions=True)
+    assert gone.cancelled() and key.signed == ["https://kept/"]
+    with pytest.raises(ValueError, match="no proof"):
+        failing.result()
+    assert _claims(kept.result())["nonce"] == "n"
+
+
+async def test_a_proof_asked_for_from_another_event_loop_is_signed_there_and_then() -> None:
+    signer, key = ProofSigner(), _CountingKey()
+    waiting = asyncio.ensure_future(
+        signer.proof(key, "GET", "https://here/", access_token=None, nonce=None)
+    )
+    await asyncio.sleep(0)  # this loop's batch is pending
+    elsewhere: list[str] = []
+
+    def other_loop() -> None:
+        ask = signer.proof(key, "GET", "https://there/", access_token=None, nonce=None)
+        elsewhere.append(asyncio.run(asyncio.wait_for(ask, 5)))
+
+    thread = threading.Thread(target=other_loop)
+    thread.start()
+    thread.join(10)
+    assert _claims(elsewhere[0])["htu"] == "https://there/"
+    assert _claims(await waiting)["htu"] == "https://here/"
 
 
 def test_a_session_key_survives_its_jwk_and_never_shows() -> None:
