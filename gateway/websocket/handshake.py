@@ -272,10 +272,9 @@ class WebSocketEndpoint:
             if exc.status == 401 and token is not None:
                 found = exc.headers.getall("WWW-Authenticate", []) if exc.headers else []
                 challenge = bearer_challenge(found, "dpop" if bound else "bearer")
-                dpop = self._authorizer.dpop
-                if bound and dpop is not None and exc.headers is not None:
-                    await dpop.nonces.remember(server, exc.headers.get("DPoP-Nonce"))
-                    if challenge is not None and challenge.use_dpop_nonce and not nonce_retry:
+                # Its DPoP-Nonce is remembered already (_remember_nonce, as on every answer).
+                if bound and challenge is not None and challenge.use_dpop_nonce:
+                    if not nonce_retry:
                         raise _NonceRequired(route.name) from None
                 if challenge is not None and challenge.step_up and upgrade.session is not None:
                     raise StepUpRequired(
@@ -299,12 +298,31 @@ class WebSocketEndpoint:
         # Its own session: upgraded connections are never pooled, and none of the proxy
         # session's settings (decompression, pool limits) apply.
         if self._session is None:
+            traces = []
+            if self._authorizer.dpop is not None:
+                trace = aiohttp.TraceConfig()
+                trace.on_request_end.append(self._remember_nonce)
+                traces.append(trace)
             self._session = aiohttp.ClientSession(
                 cookie_jar=aiohttp.DummyCookieJar(),
                 skip_auto_headers=("User-Agent",),
                 timeout=aiohttp.ClientTimeout(total=None),
+                trace_configs=traces,
             )
         return self._session
+
+    async def _remember_nonce(
+        self,
+        _session: aiohttp.ClientSession,
+        _context: object,
+        params: aiohttp.TraceRequestEndParams,
+    ) -> None:
+        """The upgrade answer's ``DPoP-Nonce``, a 101's included (RFC 9449 §8.2: a server may
+        hand out its next nonce on any answer), replaces the one held for the upstream."""
+        dpop = self._authorizer.dpop
+        nonce = params.response.headers.get("DPoP-Nonce")
+        if dpop is not None and nonce is not None:
+            await dpop.nonces.remember(server_of(str(params.url)), nonce)
 
     async def close(self) -> None:
         if self._session is not None:

@@ -44,6 +44,8 @@ def _b64_sha256(value: str) -> str:
 
 class DPoPUpstream:
     """See the module docstring. ``rotate_nonce()`` makes every nonce issued so far stale;
+    ``announce_nonce()`` sends a new one on every successful answer (RFC 9449 §8.2) while the
+    current one still passes, and ``adopt_announced()`` then makes the new one the only one;
     ``nonce_challenges`` counts its ``use_dpop_nonce`` answers, ``refusals`` every refusal by
     error, ``accepted`` every request it served (with the proof's jti and the token)."""
 
@@ -54,6 +56,7 @@ class DPoPUpstream:
         self._lock = threading.Lock()
         self._seen_jti: set[str] = set()
         self.nonce = secrets.token_urlsafe(16)
+        self.announced: str | None = None
         self.nonce_challenges = 0
         self.refusals: list[str] = []
         self.accepted: list[dict[str, Any]] = []
@@ -64,6 +67,20 @@ class DPoPUpstream:
     def rotate_nonce(self) -> None:
         with self._lock:
             self.nonce = secrets.token_urlsafe(16)
+
+    def announce_nonce(self) -> None:
+        with self._lock:
+            self.announced = secrets.token_urlsafe(16)
+
+    def adopt_announced(self) -> None:
+        with self._lock:
+            assert self.announced is not None
+            self.nonce, self.announced = self.announced, None
+
+    def _announcement(self) -> dict[str, str]:
+        """The headers of a successful answer: the announced nonce, if any."""
+        with self._lock:
+            return {"dpop-nonce": self.announced} if self.announced else {}
 
     async def verify(self, method: str, url: str, headers: Any) -> dict[str, Any]:
         """The token's claims when the request passes, else raise :class:`ProofRefused`."""
@@ -117,10 +134,12 @@ class DPoPUpstream:
             if payload["jti"] in self._seen_jti:
                 raise ProofRefused("invalid_dpop_proof", "jti replayed")
             self._seen_jti.add(payload["jti"])
-            if payload.get("nonce") != self.nonce:
+            if payload.get("nonce") not in {self.nonce, self.announced} - {None}:
                 self.nonce_challenges += 1
                 raise ProofRefused("use_dpop_nonce", "nonce")
-            self.accepted.append({"jti": payload["jti"], "token": token, "url": url})
+            self.accepted.append(
+                {"jti": payload["jti"], "token": token, "url": url, "nonce": payload.get("nonce")}
+            )
         return claims
 
     def _refusal(self, refused: ProofRefused) -> JSONResponse:
@@ -148,7 +167,8 @@ class DPoPUpstream:
                     "sub": claims.get("sub"),
                     "aud": claims.get("aud"),
                     "body_len": len(body),
-                }
+                },
+                headers=self._announcement(),
             )
 
         async def websocket(ws: WebSocket) -> None:
@@ -158,7 +178,8 @@ class DPoPUpstream:
             except ProofRefused as refused:
                 await ws.send_denial_response(self._refusal(refused))
                 return
-            await ws.accept()
+            announced = self._announcement()
+            await ws.accept(headers=[(k.encode(), v.encode()) for k, v in announced.items()])
             await ws.send_text(f"hello {claims.get('sub')}")
             async for message in ws.iter_text():
                 await ws.send_text(message)

@@ -269,3 +269,26 @@ async def test_a_websocket_upgrade_carries_a_proof(stack: Stack, client: httpx.A
         assert await websocket.recv() == "hello alice"
         await websocket.send("ping")
         assert await websocket.recv() == "ping"
+
+
+async def test_a_nonce_announced_on_a_websocket_upgrade_serves_the_next_request(
+    stack: Stack, client: httpx.AsyncClient
+) -> None:
+    """RFC 9449 §8.2: a new nonce may come on any answer, a 101 included."""
+    name = stack.services.sessions.cookie_name
+    assert (await client.get("/api/before", headers=CSRF)).status_code == 200
+    stack.api.announce_nonce()
+    announced = stack.api.announced
+    async with connect(
+        "ws" + stack.base_url[4:] + "/ws/echo",
+        additional_headers={"Cookie": f"{name}={client.cookies[name]}"},
+        origin=stack.base_url,  # type: ignore[arg-type]
+        open_timeout=10,
+        close_timeout=5,
+    ) as websocket:
+        assert await websocket.recv() == "hello alice"
+    stack.api.adopt_announced()  # from now on only the announced nonce passes
+    before = stack.api.nonce_challenges
+    assert (await client.get("/api/after", headers=CSRF)).status_code == 200
+    assert stack.api.nonce_challenges == before, "the 101's nonce was not remembered"
+    assert stack.api.accepted[-1]["nonce"] == announced
