@@ -49,8 +49,11 @@ class DPoPUpstream:
     ``nonce_challenges`` counts its ``use_dpop_nonce`` answers, ``refusals`` every refusal by
     error, ``accepted`` every request it served (with the proof's jti and the token)."""
 
-    def __init__(self, *, issuer: str, audience: str, name: str = "dpop") -> None:
+    def __init__(
+        self, *, issuer: str, audience: str, name: str = "dpop", require_nonce: bool = True
+    ) -> None:
         self.name = name
+        self.require_nonce = require_nonce  # False: behind forward-auth, which cannot relay one
         self.audience = audience
         self._jwks = JwksCache(issuer)
         self._lock = threading.Lock()
@@ -134,7 +137,8 @@ class DPoPUpstream:
             if payload["jti"] in self._seen_jti:
                 raise ProofRefused("invalid_dpop_proof", "jti replayed")
             self._seen_jti.add(payload["jti"])
-            if payload.get("nonce") not in {self.nonce, self.announced} - {None}:
+            nonces = {self.nonce, self.announced} - {None}
+            if self.require_nonce and payload.get("nonce") not in nonces:
                 self.nonce_challenges += 1
                 raise ProofRefused("use_dpop_nonce", "nonce")
             self.accepted.append(

@@ -28,6 +28,7 @@ import httpx
 import jwt
 import pytest
 
+from .dpop_upstream import DPoPUpstream
 from .gateway_harness import CSRF, GatewayUnderTest, run_gateway, start_upstreams
 from .servers import API, BILLING, IdpProcess, free_port
 
@@ -84,6 +85,9 @@ def with_route_like_billing(conf: str, *, prefix: str, route: str, upstream: str
     new = text.replace("location /billing/", f"location {prefix}")
     new = new.replace("set $mrrt_route billing;", f'set $mrrt_route "{route}";')
     new = re.sub(r"proxy_pass [^;]+;", f"proxy_pass {upstream};", new)
+    host = upstream.removeprefix("http://").partition("/")[0]
+    new, hosts = re.subn(r"proxy_set_header Host [^;]+;", f"proxy_set_header Host {host};", new)
+    assert hosts == 1, "the documented /billing/ location lost its Host line"
     return conf.replace(text, text + new)
 
 
@@ -358,6 +362,41 @@ async def test_nginx_auth_cache_serves_repeats_but_not_other_sessions_or_methods
     assert statuses[:10].count("HIT") == 9  # one subrequest reached the gateway
     assert no_csrf_post.status_code == 403  # a cached GET answer never serves a POST
     assert anonymous.status_code == 401  # nor another (here: no) session
+
+
+async def test_nginx_auth_cache_never_replays_a_dpop_proof(idp: IdpProcess) -> None:
+    """With tokens.dpop the answers carry a single-use proof: the documented cache keeps none
+    of them, so every request gets its own proof and the upstream refuses nothing."""
+    apis = {
+        name: DPoPUpstream(issuer=idp.issuer, audience=audience, name=name, require_nonce=False)
+        for name, audience in (("api", API), ("billing", BILLING))
+    }
+    forward_auth = {"enabled": True, "secret": SECRET}
+    try:
+        with (
+            start_upstreams(idp) as upstreams,
+            run_gateway(
+                idp,
+                {**upstreams, **apis},
+                forward_auth=forward_auth,
+                tokens={"dpop": "required"},
+            ) as gw,
+            run_nginx(gw, auth_cache="mrrt_auth") as nginx,
+        ):
+            async with gw.client() as client:
+                await gw.login(client)
+                answers = [
+                    await client.get(nginx.base_url + f"/api/o/{i % 2}", headers=CSRF)
+                    for i in range(6)
+                ]
+            statuses = nginx.auth_cache_statuses()
+    finally:
+        for api in apis.values():
+            api.stop()
+    assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
+    assert apis["api"].refusals == []
+    assert len({seen["jti"] for seen in apis["api"].accepted}) == 6
+    assert "HIT" not in statuses
 
 
 async def _raw_get(base_url: str, target: str, headers: dict[str, str]) -> int:
