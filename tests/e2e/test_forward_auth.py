@@ -140,7 +140,11 @@ def _write_config(
     secret: str,
     auth_cache: str,
     path_matching: bool = False,
+    servers: dict[str, str] | None = None,
 ) -> None:
+    """``servers``: another base URL for the api or billing location than the gateway's own
+    upstream of that name."""
+    servers = {name: gw.upstreams[name].base_url for name in ("api", "billing")} | (servers or {})
     values = {
         "LISTEN": f"127.0.0.1:{port}",
         "GATEWAY": gw.base_url.removeprefix("http://"),
@@ -148,8 +152,8 @@ def _write_config(
         "SESSION_COOKIE": gw.settings.session.cookie_name,
         "AUTH_CACHE": auth_cache,
         "AUTH_CACHE_DIR": str(directory / "auth-cache"),
-        "API_SERVER": gw.upstreams["api"].base_url.removeprefix("http://"),
-        "BILLING_SERVER": gw.upstreams["billing"].base_url.removeprefix("http://"),
+        "API_SERVER": servers["api"].removeprefix("http://"),
+        "BILLING_SERVER": servers["billing"].removeprefix("http://"),
     }
     conf = render(TEMPLATE.read_text(), values)
     if path_matching:
@@ -178,6 +182,7 @@ def run_nginx(
     secret: str = SECRET,
     auth_cache: str = "off",
     path_matching: bool = False,
+    servers: dict[str, str] | None = None,
 ) -> Iterator[NginxUnderTest]:
     """nginx (``daemon off``) on an ephemeral loopback port, its own prefix, pid and logs."""
     directory = Path(tempfile.mkdtemp(prefix="mrrt-nginx-"))
@@ -195,6 +200,7 @@ def run_nginx(
                 secret=secret,
                 auth_cache=auth_cache,
                 path_matching=path_matching,
+                servers=servers,
             )
             process = subprocess.Popen(
                 command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -377,11 +383,19 @@ async def test_nginx_auth_cache_never_replays_a_dpop_proof(idp: IdpProcess) -> N
             start_upstreams(idp) as upstreams,
             run_gateway(
                 idp,
-                {**upstreams, **apis},
+                upstreams,
                 forward_auth=forward_auth,
                 tokens={"dpop": "required"},
+                routes=[
+                    {"name": name, "prefix": f"/{name}/", "upstream": api.url, "audience": audience}
+                    for (name, api), audience in zip(apis.items(), (API, BILLING), strict=True)
+                ],
             ) as gw,
-            run_nginx(gw, auth_cache="mrrt_auth") as nginx,
+            run_nginx(
+                gw,
+                auth_cache="mrrt_auth",
+                servers={name: api.base_url for name, api in apis.items()},
+            ) as nginx,
         ):
             async with gw.client() as client:
                 await gw.login(client)
