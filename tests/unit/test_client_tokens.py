@@ -384,6 +384,25 @@ async def test_the_store_shares_a_token_minted_by_another_instance(
     assert token_route.call_count == 1 and two.broker.exchanges == 0
 
 
+async def test_idp_down_serves_an_unexpired_token_another_instance_minted(
+    idp: respx.MockRouter, http: httpx.AsyncClient
+) -> None:
+    settings = client_settings()
+    one = Harness(settings, http)
+    two = Harness(settings, http, store=one.store)
+    token_route = idp.post(TOKEN_URL).mock(side_effect=IdP(ttl=600))
+    minted = await one.token()
+    for instance in (one, two):
+        instance.clock.now += 580  # due, not expired
+    token_route.mock(side_effect=httpx.ConnectError("down"))
+    assert await two.token() == minted  # two never held it: the store's, while it lives
+    assert two.broker.exchanges == 1
+    for instance in (one, two):
+        instance.clock.now += 21  # expired: nothing left to serve
+    with pytest.raises(IdentityProviderUnavailable):
+        await two.token()
+
+
 async def test_two_instances_over_one_redis_prefix_make_one_exchange(
     idp: respx.MockRouter, http: httpx.AsyncClient
 ) -> None:
