@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -34,9 +33,9 @@ from .errors import (
     InsufficientScope,
     LoginRequired,
 )
+from .idp_back_off import CLIENT, IdpBackOff
 from .metrics import GatewayMetrics, exchange_outcome
 from .oidc import OIDCClient
-from .retry_after import cap_retry_after
 from .routing import Route
 from .sessions.base import CachedToken, SessionStore
 from .settings import TokenSettings
@@ -69,6 +68,7 @@ class ClientTokenBroker:
         clock: Callable[[], float] = time.time,
         metrics: GatewayMetrics | None = None,
         dpop: DPoP | None = None,
+        back_off: IdpBackOff | None = None,
     ) -> None:
         self._oidc = oidc
         # DPoP: the gateway's own key binds client tokens (gateway/dpop.py), and the store's
@@ -84,8 +84,8 @@ class ClientTokenBroker:
         self._refusals: TLRUCache[ClientKey, GatewayError] = TLRUCache(
             maxsize=1_000, ttu=lambda _k, _v, now: now + _REFUSAL_TTL, timer=clock
         )
-        self._down_until = 0.0
-        self._down_message = ""
+        # The IdP's back-offs, shared with the session-token broker (idp_back_off.py).
+        self._back_off = back_off if back_off is not None else IdpBackOff(clock)
         self.exchanges = 0  # client-credentials grants sent (observability, tests)
 
     def cached_token(self, route: Route) -> str | None:
@@ -114,22 +114,18 @@ class ClientTokenBroker:
                 return shared.access_token
             stale = self._tokens.get(key)
             now = self._clock()
-            backing_off: IdentityProviderUnavailable | None = None
+            backing_off = self._back_off.refusal(CLIENT, route.audience, now)
             try:
-                if now < self._down_until:
-                    backing_off = IdentityProviderUnavailable(
-                        self._down_message, retry_after=math.ceil(self._down_until - now)
-                    )
+                if backing_off is not None:
                     raise backing_off
                 token = await self._exchange(route, now)
             except IdentityProviderUnavailable as exc:
                 later = self._clock()
-                if exc is not backing_off:  # re-recording its own answer would extend it
-                    self._down_until = max(
-                        self._down_until, later + cap_retry_after(exc.retry_after)
-                    )
-                    self._down_message = exc.message
+                if exc is not backing_off:  # the IdP's own answer, not the back-off's
+                    self._back_off.record(exc, CLIENT, route.audience, later)
                 old = stale[0] if stale is not None else None
+                if old is None or later >= old.expires_at:  # another instance's may still live
+                    old = await self._store.get_client_token(self._store_key(key))
                 if old is not None and later < old.expires_at and old.access_token != not_this:
                     logger.warning(
                         "identity provider unavailable; serving a cached client token for %s",

@@ -24,6 +24,7 @@ from .connections import ConnectionRegistry
 from .crypto import SessionCipher
 from .dpop import DPoP
 from .errors import GatewayError, IdentityProviderUnavailable
+from .idp_back_off import IdpBackOff
 from .metrics import GatewayMetrics
 from .observability import user_for_log
 from .oidc import OIDCClient
@@ -101,6 +102,8 @@ class Services:
         self.oidc = OIDCClient(
             settings, self.idp_http, observe=self.metrics.observe_idp, dpop=self.dpop
         )
+        # One back-off for both brokers: they ask the same token endpoint.
+        back_off = IdpBackOff()
         self.broker = TokenBroker(
             oidc=self.oidc,
             store=self.store,
@@ -110,6 +113,7 @@ class Services:
             on_session_ended=self.end_session,
             dpop=self.dpop,
             tracing=self.tracing,
+            back_off=back_off,
         )
         self.client_tokens = ClientTokenBroker(
             oidc=self.oidc,
@@ -117,6 +121,7 @@ class Services:
             settings=settings.tokens,
             metrics=self.metrics,
             dpop=self.dpop,
+            back_off=back_off,
         )
         self.session_admin = SessionAdmin(
             store=self.store,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -27,16 +26,15 @@ from .dpop import DPoP, DPoPKey, bound_token
 from .errors import (
     AudienceNotPermitted,
     GatewayError,
-    IdentityProviderRateLimited,
     IdentityProviderUnavailable,
     InsufficientScope,
     LoginRequired,
     RefreshTokenRejected,
     SessionEnded,
 )
+from .idp_back_off import IdpBackOff
 from .metrics import GatewayMetrics
 from .oidc import OIDCClient, TokenResponse
-from .retry_after import cap_retry_after
 from .routing import Route
 from .sessions.base import CachedToken, Session, SessionStore
 from .settings import TokenSettings
@@ -48,7 +46,6 @@ _DEFAULT_LIFETIME = 300.0  # when the IdP names no expiry and the token is opaqu
 _REFUSAL_TTL = 30.0  # a refused audience is not asked for again this soon
 
 CacheKey = tuple[str, str, str]
-BackOffKey = tuple[str, str]  # (session id, audience)
 
 
 class _TokenCache:
@@ -125,6 +122,7 @@ class TokenBroker:
         on_session_ended: Callable[[str], Awaitable[object]] | None = None,
         dpop: DPoP | None = None,
         tracing: Tracing | None = None,
+        back_off: IdpBackOff | None = None,
     ) -> None:
         self._oidc = oidc
         self._dpop = dpop
@@ -142,16 +140,8 @@ class TokenBroker:
         self._refusals: TLRUCache[CacheKey, GatewayError] = TLRUCache(
             maxsize=10_000, ttu=lambda _k, _v, now: now + _REFUSAL_TTL, timer=clock
         )
-        # After the IdP failed (unreachable, timed out, 5xx), no exchange is tried until this
-        # time: queued requests answer 503 (or use a still-valid token) instead of each timing
-        # out in turn.
-        self._idp_down_until = 0.0
-        self._idp_down_message = ""
-        # A 429 refuses what was asked, not every session (review item 5): only that session's
-        # exchanges for that audience wait out its Retry-After. Value: (until, message).
-        self._rate_limited: TLRUCache[BackOffKey, tuple[float, str]] = TLRUCache(
-            maxsize=10_000, ttu=lambda _k, value, _now: value[0], timer=clock
-        )
+        # The IdP's back-offs, shared with the client-token broker (idp_back_off.py).
+        self._back_off = back_off if back_off is not None else IdpBackOff(clock)
         self._tracing = tracing  # a span per exchange (tracing.py); None: tracing off
         self.exchanges = 0  # refresh-token grants sent (observability, tests)
 
@@ -208,7 +198,7 @@ class TokenBroker:
                 self._metrics.token_coalesced.inc()
                 self._cache.put(key, cached)
                 return cached.access_token
-            backing_off = self._backing_off(session.id, audience, now)
+            backing_off = self._back_off.refusal(session.id, audience, now)
             try:
                 if backing_off is not None:
                     raise backing_off
@@ -244,8 +234,8 @@ class TokenBroker:
                 raise
             except IdentityProviderUnavailable as exc:
                 later = self._clock()  # the IdP call may have taken up to its timeout
-                if exc is not backing_off:  # re-recording its own answer would extend it
-                    self._back_off(exc, session.id, audience, later)
+                if exc is not backing_off:  # the IdP's own answer, not the back-off's
+                    self._back_off.record(exc, session.id, audience, later)
                 if cached is not None and later < cached.expires_at:
                     logger.warning(
                         "identity provider unavailable; serving a cached token for %s", route.name
@@ -296,31 +286,6 @@ class TokenBroker:
         if isinstance(refusal, LoginRequired):
             return refusal.relocated(self._login_url)
         return type(refusal)(refusal.message)
-
-    def _backing_off(
-        self, session_id: str, audience: str, now: float
-    ) -> IdentityProviderUnavailable | None:
-        """The 503 to answer instead of asking the IdP, while a back-off covers this exchange."""
-        if now < self._idp_down_until:
-            return IdentityProviderUnavailable(
-                self._idp_down_message, retry_after=math.ceil(self._idp_down_until - now)
-            )
-        limited = self._rate_limited.get((session_id, audience))
-        if limited is not None and now < limited[0]:
-            return IdentityProviderRateLimited(limited[1], retry_after=math.ceil(limited[0] - now))
-        return None
-
-    def _back_off(
-        self, exc: IdentityProviderUnavailable, session_id: str, audience: str, now: float
-    ) -> None:
-        """Remember the IdP's failure for Retry-After (capped): a 429 for this session's
-        audience only, anything else (transport error, timeout, 5xx) for every session."""
-        until = now + cap_retry_after(exc.retry_after)
-        if isinstance(exc, IdentityProviderRateLimited):
-            self._rate_limited[(session_id, audience)] = (until, exc.message)
-            return
-        self._idp_down_until = max(self._idp_down_until, until)
-        self._idp_down_message = exc.message
 
     def forget(self, session_id: str) -> None:
         """Drop this process's cached tokens of a session (logout)."""

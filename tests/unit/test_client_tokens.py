@@ -26,6 +26,7 @@ from gateway.errors import (
     IdentityProviderUnavailable,
     InsufficientScope,
 )
+from gateway.idp_back_off import IdpBackOff
 from gateway.metrics import GatewayMetrics
 from gateway.oidc import OIDCClient
 from gateway.routing import Route, RouteTable
@@ -108,6 +109,7 @@ class Harness:
         self, settings: Settings, http: httpx.AsyncClient, store: SessionStore | None = None
     ) -> None:
         self.clock = Clock()
+        self.back_off = IdpBackOff(self.clock)  # as Services shares it with the session broker
         self.store = (
             store if store is not None else MemorySessionStore(idle_timeout=3600, clock=self.clock)
         )
@@ -118,6 +120,7 @@ class Harness:
             settings=settings.tokens,
             clock=self.clock,
             metrics=self.metrics,
+            back_off=self.back_off,
         )
         self.routes = RouteTable(settings.routes)
 
@@ -324,6 +327,24 @@ async def test_back_off_ends_at_retry_after_however_often_it_is_hit(
     assert token_route.call_count == 2
 
 
+async def test_an_idp_failure_a_session_exchange_met_holds_client_exchanges_back_too(
+    h: Harness, idp: respx.MockRouter
+) -> None:
+    """One token endpoint, one back-off: what the session broker recorded stops this one."""
+    token_route = idp.post(TOKEN_URL).mock(side_effect=IdP())
+    h.back_off.record(
+        IdentityProviderUnavailable("the identity provider timed out", retry_after=8),
+        "a-session-id",
+        BILLING,
+        h.clock(),
+    )
+    with pytest.raises(IdentityProviderUnavailable) as waiting:
+        await h.token()
+    assert waiting.value.headers() == {"Retry-After": "8"} and token_route.call_count == 0
+    h.clock.now += 8
+    assert await h.token() and token_route.call_count == 1
+
+
 async def test_not_this_forces_a_new_token_and_concurrent_callers_coalesce(
     h: Harness, idp: respx.MockRouter
 ) -> None:
@@ -361,6 +382,25 @@ async def test_the_store_shares_a_token_minted_by_another_instance(
     token_route = idp.post(TOKEN_URL).mock(side_effect=IdP())
     assert await one.token() == await two.token()
     assert token_route.call_count == 1 and two.broker.exchanges == 0
+
+
+async def test_idp_down_serves_an_unexpired_token_another_instance_minted(
+    idp: respx.MockRouter, http: httpx.AsyncClient
+) -> None:
+    settings = client_settings()
+    one = Harness(settings, http)
+    two = Harness(settings, http, store=one.store)
+    token_route = idp.post(TOKEN_URL).mock(side_effect=IdP(ttl=600))
+    minted = await one.token()
+    for instance in (one, two):
+        instance.clock.now += 580  # due, not expired
+    token_route.mock(side_effect=httpx.ConnectError("down"))
+    assert await two.token() == minted  # two never held it: the store's, while it lives
+    assert two.broker.exchanges == 1
+    for instance in (one, two):
+        instance.clock.now += 21  # expired: nothing left to serve
+    with pytest.raises(IdentityProviderUnavailable):
+        await two.token()
 
 
 async def test_two_instances_over_one_redis_prefix_make_one_exchange(
