@@ -184,7 +184,7 @@ class Authorizer:
         """The DPoP proof to send with ``token`` to ``url`` (on ``server``, an origin), or
         None for a bearer token. A user's token is bound to the session's key, the gateway's
         client token to the gateway's; the nonce is ``server``'s latest. Signed with the
-        other proofs of this turn of the event loop (``ProofSigner``)."""
+        other proofs asked for around the same time (``ProofSigner``)."""
         dpop = self.dpop
         if type(token) is not DPoPBound or dpop is None:
             return None
