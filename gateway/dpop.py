@@ -158,7 +158,8 @@ class ProofSigner:
     (microseconds).
 
     A request that gives up meanwhile (its future cancelled) is not signed. The batch belongs
-    to one event loop: a proof asked for from another loop is signed inline."""
+    to one event loop: a proof asked for from another loop is signed inline, unless that loop
+    has closed, and then its batch is dropped."""
 
     __slots__ = ("_loop", "_pending")
 
@@ -173,11 +174,13 @@ class ProofSigner:
     ) -> str:
         loop = asyncio.get_running_loop()
         pending = self._pending
+        if pending and self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                return key.proof(htm, htu, access_token=access_token, nonce=nonce)
+            pending.clear()  # a closed loop's batch: nobody waits for it any more
         if not pending:
             self._loop = loop
             loop.call_soon(self._next_turn, loop)
-        elif self._loop is not loop:
-            return key.proof(htm, htu, access_token=access_token, nonce=nonce)
         future: asyncio.Future[str] = loop.create_future()
         pending.append((future, key, htm, htu, access_token, nonce))
         return await future
@@ -248,11 +251,20 @@ def htu(url: str) -> str:
     return url.partition("?")[0].partition("#")[0]
 
 
+_DEFAULT_PORTS = {"http": ":80", "https": ":443"}
+
+
 def server_of(url: str) -> str:
-    """The server a nonce belongs to: the URL's origin."""
+    """The server a nonce belongs to: the URL's origin, one spelling for every way of writing
+    it (``ws`` as ``http``, lower case, no default port: yarl drops it from the URLs aiohttp
+    hands back, a configured upstream may name it)."""
     parts = urlsplit(url)
-    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
-    return f"{scheme}://{parts.netloc}".lower()
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme.lower(), parts.scheme.lower())
+    netloc = parts.netloc.rpartition("@")[2].lower()
+    default = _DEFAULT_PORTS.get(scheme)
+    if default is not None and netloc.endswith(default):
+        netloc = netloc.removesuffix(default)
+    return f"{scheme}://{netloc}"
 
 
 def nonce_in(headers: Iterable[tuple[bytes, bytes]]) -> str | None:

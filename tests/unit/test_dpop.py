@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.cli import main
 from gateway.client_keys import jwk_thumbprint, parse_private_keys
-from gateway.dpop import DPoP, DPoPBound, DPoPKey, ProofSigner, nonce_in
+from gateway.dpop import DPoP, DPoPBound, DPoPKey, ProofSigner, nonce_in, server_of
 from gateway.errors import ConfigError, IdentityProviderError
 from gateway.oidc import OIDCClient
 from gateway.sessions import MemorySessionStore
@@ -301,6 +301,35 @@ async def test_a_proof_asked_for_from_another_event_loop_is_signed_there_and_the
     thread.join(10)
     assert _claims(elsewhere[0])["htu"] == "https://there/"
     assert _claims(await waiting)["htu"] == "https://here/"
+
+
+async def test_a_batch_left_by_a_closed_event_loop_is_dropped_not_kept() -> None:
+    signer, key = ProofSigner(), _CountingKey()
+    gone = asyncio.new_event_loop()  # a loop that ended while one of its proofs waited
+    signer._loop = gone
+    signer._pending.append((gone.create_future(), key, "GET", "https://gone/", "t", None))
+    gone.close()
+    proof = await signer.proof(key, "GET", "https://here/", access_token="t", nonce=None)
+    assert _claims(proof)["htu"] == "https://here/" and key.signed == ["https://here/"]
+    assert signer._pending == [] and signer._loop is asyncio.get_running_loop()
+
+
+def test_a_server_has_one_spelling_however_its_url_is_written() -> None:
+    """A nonce saved under one spelling is found under every other (yarl drops default
+    ports from the URLs aiohttp hands back; a configured upstream may name them)."""
+    assert {
+        server_of("ws://API.example:80/ws/echo"),
+        server_of("http://api.example/x?y=1"),
+        server_of("HTTP://user@api.example:80"),
+    } == {"http://api.example"}
+    assert (
+        server_of("wss://api.example:443/")
+        == server_of("https://api.example")
+        == ("https://api.example")
+    )
+    assert server_of("http://api.example:8080/") == "http://api.example:8080"
+    assert server_of("https://api.example:80/") == "https://api.example:80"
+    assert server_of("http://[::1]:80/") == "http://[::1]"
 
 
 def test_a_session_key_survives_its_jwk_and_never_shows() -> None:
