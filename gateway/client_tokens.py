@@ -124,7 +124,8 @@ class ClientTokenBroker:
                 if exc is not backing_off:  # the IdP's own answer, not the back-off's
                     self._back_off.record(exc, CLIENT, route.audience, later)
                 old = stale[0] if stale is not None else None
-                if old is None or later >= old.expires_at:  # another instance's may still live
+                if old is None or later >= old.expires_at or old.access_token == not_this:
+                    # another instance's may still live
                     old = await self._store.get_client_token(self._store_key(key))
                 if old is not None and later < old.expires_at and old.access_token != not_this:
                     logger.warning(

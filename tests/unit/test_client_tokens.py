@@ -403,6 +403,23 @@ async def test_idp_down_serves_an_unexpired_token_another_instance_minted(
         await two.token()
 
 
+async def test_idp_down_serves_another_instances_token_in_place_of_a_refused_one(
+    idp: respx.MockRouter, http: httpx.AsyncClient
+) -> None:
+    settings = client_settings()
+    one = Harness(settings, http)
+    two = Harness(settings, http, store=one.store)
+    token_route = idp.post(TOKEN_URL).mock(side_effect=IdP(ttl=600))
+    refused = await one.token()
+    for instance in (one, two):
+        instance.clock.now += 5
+    replacement = await two.token(not_this=refused)  # two saw the upstream refuse it
+    for instance in (one, two):
+        instance.clock.now += 580  # both due, neither expired
+    token_route.mock(side_effect=httpx.ConnectError("down"))
+    assert await one.token(not_this=refused) == replacement
+
+
 async def test_two_instances_over_one_redis_prefix_make_one_exchange(
     idp: respx.MockRouter, http: httpx.AsyncClient
 ) -> None:
