@@ -27,7 +27,7 @@ import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import uvicorn
@@ -228,26 +228,35 @@ class IdpProcess:
             errors="replace",
         )
         self._readers = [
-            threading.Thread(target=self._read_stdout, name="idp-stdout", daemon=True),
-            threading.Thread(target=self._read_stderr, name="idp-stderr", daemon=True),
+            # Each reader keeps its own process's pipe and queue: a stalled start's reader
+            # never feeds a later start.
+            threading.Thread(
+                target=self._read_stdout,
+                args=(self._proc.stdout, self._ready),
+                name="idp-stdout",
+                daemon=True,
+            ),
+            threading.Thread(
+                target=self._read_stderr, args=(self._proc.stderr,), name="idp-stderr", daemon=True
+            ),
         ]
         for reader in self._readers:
             reader.start()
 
     # -- output handling
-    def _read_stdout(self) -> None:
-        assert self._proc.stdout is not None
-        for line in self._proc.stdout:
+    def _read_stdout(self, stdout: IO[str] | None, ready: queue.Queue[dict[str, Any]]) -> None:
+        assert stdout is not None
+        for line in stdout:
             self._log.append(f"[stdout] {line.rstrip()}")
             if line.startswith("{"):
                 with contextlib.suppress(ValueError):
                     data = json.loads(line)
                     if isinstance(data, dict) and "issuer" in data:
-                        self._ready.put(data)
+                        ready.put(data)
 
-    def _read_stderr(self) -> None:
-        assert self._proc.stderr is not None
-        for line in self._proc.stderr:
+    def _read_stderr(self, stderr: IO[str] | None) -> None:
+        assert stderr is not None
+        for line in stderr:
             self._log.append(line.rstrip())
 
     def _wait_ready(self, timeout: float) -> dict[str, Any]:
