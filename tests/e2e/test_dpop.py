@@ -255,17 +255,21 @@ async def test_forward_auth_answers_a_proof_for_the_original_request(
     assert forwarded.json()["method"] == "DELETE"
 
 
-async def test_a_websocket_upgrade_carries_a_proof(stack: Stack, client: httpx.AsyncClient) -> None:
+def _echo_websocket(stack: Stack, client: httpx.AsyncClient) -> Any:
+    """The browser's WebSocket to /ws/echo, with its session cookie and the gateway's origin."""
     name = stack.services.sessions.cookie_name
-    url = "ws" + stack.base_url[4:] + "/ws/echo"
-    stack.api.rotate_nonce()  # the upgrade meets a stale nonce: one more upgrade
-    async with connect(
-        url,
+    return connect(
+        "ws" + stack.base_url[4:] + "/ws/echo",
         additional_headers={"Cookie": f"{name}={client.cookies[name]}"},
         origin=stack.base_url,  # type: ignore[arg-type]
         open_timeout=10,
         close_timeout=5,
-    ) as websocket:
+    )
+
+
+async def test_a_websocket_upgrade_carries_a_proof(stack: Stack, client: httpx.AsyncClient) -> None:
+    stack.api.rotate_nonce()  # the upgrade meets a stale nonce: one more upgrade
+    async with _echo_websocket(stack, client) as websocket:
         assert await websocket.recv() == "hello alice"
         await websocket.send("ping")
         assert await websocket.recv() == "ping"
@@ -275,17 +279,10 @@ async def test_a_nonce_announced_on_a_websocket_upgrade_serves_the_next_request(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:
     """RFC 9449 §8.2: a new nonce may come on any answer, a 101 included."""
-    name = stack.services.sessions.cookie_name
     assert (await client.get("/api/before", headers=CSRF)).status_code == 200
     stack.api.announce_nonce()
     announced = stack.api.announced
-    async with connect(
-        "ws" + stack.base_url[4:] + "/ws/echo",
-        additional_headers={"Cookie": f"{name}={client.cookies[name]}"},
-        origin=stack.base_url,  # type: ignore[arg-type]
-        open_timeout=10,
-        close_timeout=5,
-    ) as websocket:
+    async with _echo_websocket(stack, client) as websocket:
         assert await websocket.recv() == "hello alice"
     stack.api.adopt_announced()  # from now on only the announced nonce passes
     before = stack.api.nonce_challenges
