@@ -32,11 +32,11 @@ from .errors import (
     GatewayError,
     LoginFailed,
     LoginRequired,
-    PayloadTooLarge,
     with_query,
 )
 from .headers import joined_cookie
 from .oidc import OIDCClient, pkce_challenge
+from .request_body import read_small_body
 from .routing import Route, RouteTable
 from .security import check_csrf, new_secret_token, read_cookie, tokens_equal, validate_return_to
 from .services import Services
@@ -448,11 +448,7 @@ async def _wants_everywhere(request: Request) -> bool:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/json":
         return False
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > _LOGOUT_BODY_MAX:
-            raise PayloadTooLarge(f"the logout body is over {_LOGOUT_BODY_MAX} bytes")
+    body = await read_small_body(request, _LOGOUT_BODY_MAX)
     try:
         data = json.loads(body) if body else {}
     except ValueError:

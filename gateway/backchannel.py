@@ -16,8 +16,9 @@ from urllib.parse import parse_qsl
 
 from starlette.requests import Request
 
-from .errors import InvalidLogoutToken, PayloadTooLarge
+from .errors import InvalidLogoutToken
 from .oidc import OIDCClient
+from .request_body import read_small_body
 from .settings import OIDCSettings
 
 if TYPE_CHECKING:
@@ -52,14 +53,7 @@ async def read_logout_token(request: Request, *, limit: int = MAX_BODY_BYTES) ->
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != _FORM:
         raise InvalidLogoutToken(f"the body must be {_FORM}")
-    length = request.headers.get("content-length", "")
-    if length.isascii() and length.isdigit() and int(length) > limit:
-        raise PayloadTooLarge(f"the request body is over {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"the request body is over {limit} bytes")
+    body = await read_small_body(request, limit)
     try:
         fields = parse_qsl(
             body.decode("ascii"), keep_blank_values=True, strict_parsing=True, max_num_fields=16

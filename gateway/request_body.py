@@ -14,9 +14,25 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+from starlette.requests import Request
 from starlette.types import Message, Receive
 
 from .errors import ClientDisconnected, GatewayError, PayloadTooLarge, RequestBodyTimeout
+
+
+async def read_small_body(request: Request, limit: int) -> bytes:
+    """The whole body of a request to one of the gateway's own endpoints, at most ``limit``
+    bytes (413 as soon as its Content-Length or what has arrived says more)."""
+    length = request.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > limit:
+        raise PayloadTooLarge(f"the request body is over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge(f"the request body is over {limit} bytes")
+    return bytes(body)
+
 
 # A request sent again (a new token after the upstream's invalid_token) carries its body again:
 # only a body read whole, and no larger than this.

@@ -271,3 +271,20 @@ async def test_plain_logout_ends_only_this_session(idp: respx.MockRouter) -> Non
         left = await app.state.services.store.find(sub="auth0|alice")
     assert response.status_code == 200 and "ended_elsewhere" not in response.json()
     assert len(left) == 1
+
+
+async def test_an_oversized_logout_body_is_413_and_ends_nothing(idp: respx.MockRouter) -> None:
+    async with running_app(_settings()) as (app, client):
+        _, cookie = await _login(app)
+        response = await client.post(
+            "/auth/logout",
+            content=json.dumps({"everywhere": True, "padding": "x" * 2048}),
+            headers={
+                "Cookie": cookie,
+                "X-CSRF": "1",
+                "Origin": ORIGIN,
+                "Content-Type": "application/json",
+            },
+        )
+        left = await app.state.services.store.find(sub="auth0|alice")
+    assert response.status_code == 413 and len(left) == 1
