@@ -404,22 +404,16 @@ class OIDCClient:
     ) -> TokenResponse:
         """Exchange the (multi-resource) refresh token for a token for one audience (with a
         DPoP proof of ``dpop_key``, the session's key, when given)."""
-        data = {"grant_type": "refresh_token", "refresh_token": refresh_token}
-        data["audience" if self._oidc.dialect == "auth0" else "resource"] = audience
-        if scopes:
-            data["scope"] = " ".join(scopes)
-        return await self._token_request(data, dpop_key)
+        grant = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        return await self._token_request(self._for_audience(grant, audience, scopes), dpop_key)
 
     async def client_credentials(
         self, *, audience: str, scopes: list[str], dpop_key: DPoPKey | None = None
     ) -> TokenResponse:
         """The gateway's own token for one audience (OAuth client credentials, RFC 6749 §4.4),
         for routes with ``auth: client`` / ``user_or_client``."""
-        data = {"grant_type": "client_credentials"}
-        data["audience" if self._oidc.dialect == "auth0" else "resource"] = audience
-        if scopes:
-            data["scope"] = " ".join(scopes)
-        return await self._token_request(data, dpop_key)
+        grant = {"grant_type": "client_credentials"}
+        return await self._token_request(self._for_audience(grant, audience, scopes), dpop_key)
 
     async def userinfo(
         self, access_token: str, *, dpop_key: DPoPKey | None = None
@@ -504,6 +498,16 @@ class OIDCClient:
 
     # -- plumbing -------------------------------------------------------------------------------
 
+    def _for_audience(
+        self, grant: dict[str, str], audience: str, scopes: list[str]
+    ) -> dict[str, str]:
+        """A token request's form for one API: Auth0's ``audience`` or RFC 8707's
+        ``resource``, and the scopes asked for."""
+        grant["audience" if self._oidc.dialect == "auth0" else "resource"] = audience
+        if scopes:
+            grant["scope"] = " ".join(scopes)
+        return grant
+
     async def _nonce(self, url: str) -> str | None:
         return await self.dpop.nonces.current(server_of(url)) if self.dpop else None
 
@@ -527,10 +531,8 @@ class OIDCClient:
     ) -> httpx.Response:
         body, auth = self._client_auth.apply(data, token_endpoint=endpoint)
         headers: dict[str, str] = {}
-        server = server_of(endpoint)
         if dpop_key is not None and self.dpop is not None:
-            nonce = await self.dpop.nonces.current(server)
-            headers["DPoP"] = dpop_key.proof("POST", endpoint, nonce=nonce)
+            headers["DPoP"] = dpop_key.proof("POST", endpoint, nonce=await self._nonce(endpoint))
         started = time.perf_counter()
         try:
             response = await self._http.post(endpoint, data=body, auth=auth, headers=headers)
@@ -541,7 +543,7 @@ class OIDCClient:
         finally:
             self._observe("token", time.perf_counter() - started)
         if self.dpop is not None and "dpop-nonce" in response.headers:
-            await self.dpop.nonces.remember(server, response.headers["dpop-nonce"])
+            await self.dpop.nonces.remember(server_of(endpoint), response.headers["dpop-nonce"])
         return response
 
     def _token_answer(self, response: httpx.Response) -> TokenResponse:
