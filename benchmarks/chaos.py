@@ -235,7 +235,13 @@ class Soak:
         old = self.topology.current_master()
         old.kill()
         wait_for(lambda: self.topology.current_master() is not old, "the failover", within=60)
-        old.restart()  # empty; the sentinels turn it into a replica of the new master
+        old.restart()  # empty, and possibly still configured as a master
+        # Made a replica of the new master here, as an operator's tooling would: the sentinels
+        # do the same, but only once they have seen it up for a while and are not in TILT mode
+        # (which a loaded CI machine's timer jumps trigger for 30 s), and a fresh-clone run
+        # timed out waiting for them.
+        new = self.topology.current_master()
+        old.cli("REPLICAOF", "127.0.0.1", str(new.port))
         # Rejoined when its link to the new master is up. (Not equal replication offsets: under
         # the soak's steady writes the master's offset moves between the two INFO calls, and
         # that wait could time out with the replica in sync all along.)
